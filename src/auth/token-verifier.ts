@@ -1,0 +1,79 @@
+import fs from "node:fs/promises";
+import { createLocalJWKSet, errors, jwtVerify, type JWTVerifyGetKey } from "jose";
+import type { Config } from "../config.js";
+import { ConfigError } from "../config.js";
+import { UnauthenticatedError } from "../errors.js";
+import type { Logger } from "../observability/logger.js";
+import type { Caller } from "./caller.js";
+import { loadDevSecret } from "./dev-secret.js";
+
+const TENANT_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$/;
+// Control characters (C0, DEL, C1) are not allowed in user ids.
+const CONTROL_CHARACTER = /[\u0000-\u001f\u007f-\u009f]/;
+/** Far above any real token; refuses to spend CPU on huge inputs. */
+const MAX_TOKEN_LENGTH = 8192;
+
+export function isValidUserId(id: string): boolean {
+  const length = [...id].length;
+  return length >= 1 && length <= 128 && !CONTROL_CHARACTER.test(id);
+}
+
+/** Verifies bearer tokens: HS256 with a secret, or RS256/ES256/EdDSA with a JWKS file. */
+export class TokenVerifier {
+  private constructor(
+    private readonly key: Uint8Array | JWTVerifyGetKey,
+    private readonly algorithms: string[],
+    private readonly issuer: string | undefined,
+    private readonly audience: string | undefined,
+  ) {}
+
+  static async create(config: Config, log: Logger): Promise<TokenVerifier> {
+    const { issuer, audience } = config.jwt;
+    if (config.jwt.jwksFile !== undefined) {
+      let jwks;
+      try {
+        jwks = JSON.parse(await fs.readFile(config.jwt.jwksFile, "utf8"));
+      } catch (error) {
+        throw new ConfigError(`PARLEY_JWKS_FILE cannot be read as JSON: ${(error as Error).message}`);
+      }
+      if (!Array.isArray(jwks?.keys)) throw new ConfigError("PARLEY_JWKS_FILE must hold a JWKS: {\"keys\": [...]}");
+      return new TokenVerifier(createLocalJWKSet(jwks), ["RS256", "ES256", "EdDSA"], issuer, audience);
+    }
+    let secret = config.jwt.secret;
+    if (secret === undefined) {
+      const dev = await loadDevSecret(config.dataDir);
+      secret = dev.secret;
+      log.warn(
+        { dataDir: config.dataDir, created: dev.created },
+        "development mode: tokens are signed with a generated secret in the data directory; " +
+          "get one with `npm run token -- --tenant T --user U`",
+      );
+    }
+    return new TokenVerifier(new TextEncoder().encode(secret), ["HS256"], issuer, audience);
+  }
+
+  /** Verifies an `authorization` header value ("Bearer <jwt>") and returns the caller it names. */
+  async verifyHeader(header: string | null | undefined): Promise<Caller> {
+    const match = /^Bearer +(\S+)\s*$/i.exec(header ?? "");
+    if (!match) throw new UnauthenticatedError("missing bearer token (authorization: Bearer <JWT>)");
+    return this.verify(match[1]!);
+  }
+
+  async verify(token: string): Promise<Caller> {
+    if (token.length > MAX_TOKEN_LENGTH) throw new UnauthenticatedError("token too long");
+    let payload;
+    try {
+      ({ payload } = await jwtVerify(token, this.key as Uint8Array, {
+        algorithms: this.algorithms,
+        issuer: this.issuer,
+        audience: this.audience,
+      }));
+    } catch (error) {
+      throw new UnauthenticatedError(error instanceof errors.JWTExpired ? "token expired" : "invalid token");
+    }
+    const { sub, tid } = payload as { sub?: unknown; tid?: unknown };
+    if (typeof tid !== "string" || !TENANT_PATTERN.test(tid)) throw new UnauthenticatedError("invalid tid claim");
+    if (typeof sub !== "string" || !isValidUserId(sub)) throw new UnauthenticatedError("invalid sub claim");
+    return { tenantId: tid, userId: sub };
+  }
+}

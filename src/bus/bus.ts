@@ -1,0 +1,9 @@
+/** Fan-out transport between server instances. It only moves bytes: history lives in PostgreSQL. */
+export interface Bus {
+  publish(subject: string, data: Uint8Array): Promise<void>;
+  /** Calls onMessage for every message on the subject until the returned function is called. */
+  subscribe(subject: string, onMessage: (data: Uint8Array) => void): () => void;
+  /** Throws when the bus cannot be reached. */
+  ping(): Promise<void>;
+  close(): Promise<void>;
+}

@@ -1,0 +1,85 @@
+import { Code, ConnectError } from "@connectrpc/connect";
+import { create } from "@bufbuild/protobuf";
+import { BadRequestSchema, RetryInfoSchema } from "../gen/google/rpc/error_details_pb.js";
+import type { Logger } from "./observability/logger.js";
+
+/** Domain errors: services throw these; toConnectError is the one place that maps them to codes. */
+export class NotFoundError extends Error {
+  constructor(what: string) {
+    super(`${what} not found`);
+  }
+}
+
+export interface FieldViolation {
+  field: string;
+  description: string;
+}
+
+export class InvalidArgumentError extends Error {
+  constructor(readonly violations: FieldViolation[]) {
+    super(violations.map((v) => `${v.field}: ${v.description}`).join("; "));
+  }
+  static field(field: string, description: string): InvalidArgumentError {
+    return new InvalidArgumentError([{ field, description }]);
+  }
+}
+
+export class UnauthenticatedError extends Error {}
+
+export class ResourceExhaustedError extends Error {
+  constructor(message: string, readonly retryAfterMs?: number) {
+    super(message);
+  }
+}
+
+export class UnavailableError extends Error {}
+
+/** Connection-level failures of PostgreSQL or NATS: the caller may retry. */
+const unavailableErrorCodes = new Set([
+  "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "EPIPE", "ENOTFOUND", "EHOSTUNREACH",
+  "CONNECTION_CLOSED", "CONNECTION_ENDED", "CONNECTION_DESTROYED", "CONNECT_TIMEOUT",
+  "57P01", "57P02", "57P03", "53300", "08000", "08001", "08003", "08006", "57014",
+]);
+
+export function isUnavailable(error: unknown): boolean {
+  const code = (error as { code?: unknown } | null)?.code;
+  return error instanceof UnavailableError || (typeof code === "string" && unavailableErrorCodes.has(code));
+}
+
+export function toConnectError(error: unknown, log: Logger): ConnectError {
+  if (error instanceof ConnectError) {
+    // Connect's own errors (deadline, cancel, limits) already carry the right code.
+    return error;
+  }
+  if (error instanceof Error && error.name === "AbortError") return new ConnectError("canceled", Code.Canceled);
+  if (error instanceof NotFoundError) return new ConnectError(error.message, Code.NotFound);
+  if (error instanceof InvalidArgumentError) {
+    const detail = create(BadRequestSchema, {
+      fieldViolations: error.violations.map((v) => ({ field: v.field, description: v.description })),
+    });
+    return new ConnectError(error.message, Code.InvalidArgument, undefined, [{ desc: BadRequestSchema, value: detail }]);
+  }
+  if (error instanceof UnauthenticatedError) return new ConnectError(error.message, Code.Unauthenticated);
+  if (error instanceof ResourceExhaustedError) {
+    const details =
+      error.retryAfterMs === undefined
+        ? []
+        : [{ desc: RetryInfoSchema, value: create(RetryInfoSchema, { retryDelay: duration(error.retryAfterMs) }) }];
+    return new ConnectError(error.message, Code.ResourceExhausted, undefined, details);
+  }
+  if (isUnavailable(error)) {
+    log.warn({ err: describe(error) }, "dependency unavailable");
+    return new ConnectError("service temporarily unavailable, retry", Code.Unavailable);
+  }
+  log.error({ err: error }, "internal error");
+  return new ConnectError("internal error", Code.Internal);
+}
+
+function duration(ms: number) {
+  const seconds = Math.floor(ms / 1000);
+  return { seconds: BigInt(seconds), nanos: Math.round((ms - seconds * 1000) * 1e6) };
+}
+
+function describe(error: unknown): string {
+  return error instanceof Error ? `${(error as { code?: string }).code ?? ""} ${error.message}`.trim() : String(error);
+}

@@ -1,0 +1,199 @@
+import http from "node:http";
+import http2 from "node:http2";
+import type net from "node:net";
+import { Code, ConnectError, createConnectRouter } from "@connectrpc/connect";
+import { compressionBrotli, compressionGzip, universalRequestFromNodeRequest, universalResponseToNodeResponse } from "@connectrpc/connect-node";
+import type { UniversalHandler } from "@connectrpc/connect/protocol";
+import { Health } from "../gen/grpc/health/v1/health_pb.js";
+import { ServerReflection as ReflectionV1 } from "../gen/grpc/reflection/v1/reflection_pb.js";
+import { ServerReflection as ReflectionV1alpha } from "../gen/grpc/reflection/v1alpha/reflection_pb.js";
+import { TokenVerifier } from "./auth/token-verifier.js";
+import type { Bus } from "./bus/bus.js";
+import { Fanout } from "./bus/fanout.js";
+import { MemoryBus } from "./bus/memory-bus.js";
+import { NatsBus } from "./bus/nats-bus.js";
+import { Subjects } from "./bus/subjects.js";
+import type { Config } from "./config.js";
+import { parleyServices, registerParley } from "./connect.js";
+import { registerHealth } from "./grpc/health.js";
+import { registerReflection } from "./grpc/reflection.js";
+import { createLogger, type Logger } from "./observability/logger.js";
+import { Metrics } from "./observability/metrics.js";
+import { Chats } from "./services/chats.js";
+import { Events } from "./services/events.js";
+import { Members } from "./services/members.js";
+import { Messages } from "./services/messages.js";
+import { Notifications } from "./services/notifications.js";
+import { PageTokens } from "./services/page-token.js";
+import { RateLimiter } from "./services/rate-limiter.js";
+import { ChatStore } from "./store/chat-store.js";
+import { openDatabase } from "./store/database.js";
+import { MemberStore } from "./store/member-store.js";
+import { MessageStore } from "./store/message-store.js";
+import { loadServerSecret } from "./store/server-secrets.js";
+import { rejectUndecodableBody, withBodyCheck } from "./transport/body-check.js";
+import { authenticate, mapErrors, observe } from "./transport/interceptors.js";
+import { createOnePortServer } from "./transport/one-port.js";
+
+/** Events a stream may fall behind before it is resynchronised (watch) or closed (subscribe). */
+const STREAM_QUEUE_LIMIT = 1000;
+
+export interface ParleyServer {
+  /** The port actually bound (useful with PARLEY_PORT=0). */
+  port: number;
+  log: Logger;
+  metrics: Metrics;
+  fanout: Fanout;
+  /** Graceful shutdown: stop accepting, end streams with UNAVAILABLE, finish in-flight RPCs, close pools. */
+  close(): Promise<void>;
+}
+
+/** Builds every part of Parley from the config and listens on one port. */
+export async function startServer(config: Config, log: Logger = createLogger(config.logLevel)): Promise<ParleyServer> {
+  const metrics = new Metrics();
+  const verifier = await TokenVerifier.create(config, log);
+  const db = await openDatabase(config, log);
+  let bus: Bus;
+  try {
+    bus = config.natsUrl ? await NatsBus.connect(config.natsUrl, log) : new MemoryBus();
+  } catch (error) {
+    await db.close();
+    throw error;
+  }
+  const subjects = new Subjects(config.natsPrefix);
+  const fanout = new Fanout(bus, metrics, log);
+  const events = new Events(bus, subjects, metrics, log);
+  const pageTokens = new PageTokens(await loadServerSecret(db.sql, "page_token_key"));
+  const members = new MemberStore(db.sql);
+  const services = {
+    chats: new Chats(new ChatStore(db.sql), events, pageTokens, config.maxMembers),
+    members: new Members(members, events, pageTokens, config.maxMembers),
+    messages: new Messages(
+      new MessageStore(db.sql), members, events, fanout, subjects, pageTokens,
+      new RateLimiter(config.sendRatePerSecond, config.sendBurst), metrics, { queueLimit: STREAM_QUEUE_LIMIT },
+    ),
+    notifications: new Notifications(members, fanout, subjects, metrics, {
+      heartbeatSeconds: config.heartbeatSeconds,
+      queueLimit: STREAM_QUEUE_LIMIT,
+    }),
+  };
+
+  const isReady = async () => {
+    try {
+      await Promise.all([db.ping(), bus.ping()]);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+
+  const shutdown = new AbortController();
+  const router = createConnectRouter({
+    readMaxBytes: config.maxRequestBytes,
+    acceptCompression: [compressionGzip, compressionBrotli],
+    shutdownSignal: shutdown.signal,
+    interceptors: [observe(metrics, log), mapErrors(log)],
+  });
+  const parleyRouter = createConnectRouter({
+    readMaxBytes: config.maxRequestBytes,
+    acceptCompression: [compressionGzip, compressionBrotli],
+    shutdownSignal: shutdown.signal,
+    interceptors: [observe(metrics, log), mapErrors(log), authenticate(verifier), rejectUndecodableBody],
+  });
+  registerParley(parleyRouter, services);
+  const openServices = [Health, ...(config.reflection ? [ReflectionV1, ReflectionV1alpha] : [])];
+  registerHealth(router, {
+    isServing: isReady,
+    serviceNames: [...parleyServices, ...openServices].map((s) => s.typeName),
+    signal: shutdown.signal,
+  });
+  if (config.reflection) registerReflection(router, [...parleyServices, ...openServices]);
+
+  const rpcs = new Map<string, UniversalHandler>();
+  for (const handler of [...parleyRouter.handlers, ...router.handlers]) {
+    rpcs.set(handler.requestPath, withBodyCheck(handler, config.maxRequestBytes));
+  }
+
+  const handle = (req: http.IncomingMessage | http2.Http2ServerRequest, res: http.ServerResponse | http2.Http2ServerResponse) => {
+    const path = (req.url ?? "/").split("?", 1)[0]!;
+    const rpc = rpcs.get(path);
+    if (rpc) {
+      const uReq = universalRequestFromNodeRequest(req, res, undefined, undefined);
+      rpc(uReq)
+        .then((uRes) => universalResponseToNodeResponse(uRes, res))
+        .catch((error) => {
+          if (ConnectError.from(error).code !== Code.Aborted) log.warn({ err: error, path }, "response failed");
+        });
+      return;
+    }
+    void handleHttp(path, req, res);
+  };
+
+  const handleHttp = async (path: string, req: http.IncomingMessage | http2.Http2ServerRequest, res: http.ServerResponse | http2.Http2ServerResponse) => {
+    if (req.method === "GET" && path === "/healthz") return send(res, 200, "text/plain", "ok\n");
+    if (req.method === "GET" && path === "/readyz") {
+      const ready = !shutdown.signal.aborted && (await isReady());
+      return send(res, ready ? 200 : 503, "text/plain", ready ? "ready\n" : "not ready\n");
+    }
+    if (req.method === "GET" && path === "/metrics") {
+      return send(res, 200, metrics.registry.contentType, await metrics.registry.metrics());
+    }
+    send(res, 404, "text/plain", "not found\n");
+  };
+
+  const http1 = http.createServer({ keepAliveTimeout: 65_000 }, handle);
+  const h2c = http2.createServer({}, handle);
+  const server = createOnePortServer(http1, h2c);
+  const connections = new Set<net.Socket>();
+  server.on("connection", (socket: net.Socket) => {
+    connections.add(socket);
+    socket.on("close", () => connections.delete(socket));
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(config.port, config.host, () => resolve());
+  });
+  const address = server.address() as net.AddressInfo;
+  log.info({ host: config.host, port: address.port, database: config.databaseUrl ? "postgres" : "embedded", bus: config.natsUrl ? "nats" : "in-process" }, "parley listening");
+
+  let closing: Promise<void> | undefined;
+  return {
+    port: address.port,
+    log,
+    metrics,
+    fanout,
+    close() {
+      closing ??= (async () => {
+        log.info("shutting down");
+        const stopped = new Promise<void>((resolve) => server.close(() => resolve()));
+        shutdown.abort(new ConnectError("server shutting down, reconnect", Code.Unavailable));
+        http1.closeIdleConnections();
+        const deadline = setTimeout(() => {
+          for (const socket of connections) socket.destroy();
+        }, config.shutdownTimeoutSeconds * 1000);
+        // HTTP/2 sessions: GOAWAY lets in-flight streams finish and refuses new ones.
+        h2c.close();
+        await closeWhenIdle(http1, connections);
+        await stopped;
+        clearTimeout(deadline);
+        await bus.close();
+        await db.close();
+        log.info("stopped");
+      })();
+      return closing;
+    },
+  };
+}
+
+function send(res: http.ServerResponse | http2.Http2ServerResponse, status: number, contentType: string, body: string) {
+  (res as http.ServerResponse).writeHead(status, { "content-type": contentType, "cache-control": "no-store" });
+  res.end(body);
+}
+
+/** Resolves once every connection has closed (idle HTTP/1.1 ones are closed as their requests end). */
+async function closeWhenIdle(http1: http.Server, connections: Set<net.Socket>): Promise<void> {
+  while (connections.size > 0) {
+    http1.closeIdleConnections();
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}

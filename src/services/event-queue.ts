@@ -1,0 +1,56 @@
+/**
+ * A bounded queue between bus callbacks and one stream. When the consumer falls `limit` events behind,
+ * the queue overflows instead of growing: the stream decides how to recover.
+ */
+export class EventQueue<T> {
+  private items: T[] = [];
+  private waiter: (() => void) | undefined;
+  private overflowed = false;
+
+  constructor(private readonly limit: number) {}
+
+  push(item: T): void {
+    if (this.overflowed) return;
+    if (this.items.length >= this.limit) {
+      this.overflowed = true;
+      this.items = [];
+    } else {
+      this.items.push(item);
+    }
+    this.wake();
+  }
+
+  /** The next item, "overflow" once after events were dropped, or "aborted" when the signal fires. */
+  async next(signal: AbortSignal): Promise<T | "overflow" | "aborted"> {
+    for (;;) {
+      if (signal.aborted) return "aborted";
+      if (this.overflowed) {
+        this.overflowed = false;
+        return "overflow";
+      }
+      const item = this.items.shift();
+      if (item !== undefined) return item;
+      await new Promise<void>((resolve) => {
+        const done = () => {
+          signal.removeEventListener("abort", done);
+          this.waiter = undefined;
+          resolve();
+        };
+        this.waiter = done;
+        signal.addEventListener("abort", done);
+      });
+    }
+  }
+
+  private wake(): void {
+    this.waiter?.();
+  }
+}
+
+/**
+ * Why a stream's signal fired: Connect puts a ConnectError there for deadlines, and the server's
+ * shutdown signal carries UNAVAILABLE, so clients learn to reconnect elsewhere.
+ */
+export function abortReason(signal: AbortSignal): unknown {
+  return signal.reason ?? new Error("stream aborted");
+}

@@ -1,0 +1,96 @@
+import { create } from "@bufbuild/protobuf";
+import { timestampNow } from "@bufbuild/protobuf/wkt";
+import { NotificationSchema, type Notification, type SubscribeRequest } from "../../gen/parley/v1/notification_pb.js";
+import type { Caller } from "../auth/caller.js";
+import type { Fanout } from "../bus/fanout.js";
+import type { Subjects } from "../bus/subjects.js";
+import { ResourceExhaustedError } from "../errors.js";
+import type { Metrics } from "../observability/metrics.js";
+import type { MemberStore } from "../store/member-store.js";
+import { abortReason, EventQueue } from "./event-queue.js";
+
+export interface NotificationLimits {
+  heartbeatSeconds: number;
+  queueLimit: number;
+}
+
+/**
+ * One user's event stream. It listens to the user's subject (chats created with, joined, left, read
+ * markers) and to the subject of each chat the user is in, adding and dropping chats as membership
+ * events arrive. Events about the user's own membership come from the user subject only, so none is
+ * delivered twice.
+ */
+export class Notifications {
+  constructor(
+    private readonly members: MemberStore,
+    private readonly fanout: Fanout,
+    private readonly subjects: Subjects,
+    private readonly metrics: Metrics,
+    private readonly limits: NotificationLimits,
+  ) {}
+
+  async *subscribe(caller: Caller, req: SubscribeRequest, signal: AbortSignal): AsyncGenerator<Notification> {
+    const { tenantId, userId } = caller;
+    const queue = new EventQueue<Notification>(this.limits.queueLimit);
+    const chats = new Map<string, () => void>();
+    /** Chats whose membership changed while the initial list was loading: the event wins. */
+    const changedDuringSetup = new Set<string>();
+    let settingUp = true;
+
+    const listenToChat = (chatId: string) => {
+      if (chats.has(chatId)) return;
+      chats.set(chatId, this.fanout.listen(this.subjects.chat(tenantId, chatId), (event) => {
+        const e = event.event;
+        if ((e.case === "memberAdded" || e.case === "memberRemoved") && e.value.userId === userId) return;
+        queue.push(event);
+      }));
+    };
+    const stopListeningToChat = (chatId: string) => {
+      chats.get(chatId)?.();
+      chats.delete(chatId);
+    };
+    const stopUser = this.fanout.listen(this.subjects.user(tenantId, userId), (event) => {
+      const e = event.event;
+      if (settingUp) changedDuringSetup.add(event.chatId);
+      if (e.case === "chatCreated" || e.case === "memberAdded") listenToChat(event.chatId);
+      if (e.case === "memberRemoved") stopListeningToChat(event.chatId);
+      queue.push(event);
+    });
+    this.metrics.activeStreams.inc({ kind: "subscribe" });
+    const heartbeat = setInterval(
+      () => queue.push(create(NotificationSchema, { time: timestampNow(), event: { case: "heartbeat", value: {} } })),
+      this.limits.heartbeatSeconds * 1000,
+    );
+    try {
+      for (const chatId of await this.members.chatIdsOf(tenantId, userId)) {
+        if (!changedDuringSetup.has(chatId)) listenToChat(chatId);
+      }
+      settingUp = false;
+      yield create(NotificationSchema, { time: timestampNow(), event: { case: "ready", value: {} } });
+      for (;;) {
+        const event = await queue.next(signal);
+        if (event === "aborted") throw abortReason(signal);
+        if (event === "overflow") {
+          throw new ResourceExhaustedError(
+            `stream closed: the client fell more than ${this.limits.queueLimit} events behind; resubscribe and catch up`,
+          );
+        }
+        if (!req.includeMessages && event.event.case === "messageCreated") {
+          const { chatId, messageId, sequence, senderId } = event.event.value;
+          yield create(NotificationSchema, {
+            chatId: event.chatId,
+            time: event.time,
+            event: { case: "messageCreated", value: { chatId, messageId, sequence, senderId } },
+          });
+        } else {
+          yield event;
+        }
+      }
+    } finally {
+      clearInterval(heartbeat);
+      stopUser();
+      for (const stop of chats.values()) stop();
+      this.metrics.activeStreams.dec({ kind: "subscribe" });
+    }
+  }
+}

@@ -1,0 +1,70 @@
+import fs from "node:fs/promises";
+import path from "node:path";
+import postgres from "postgres";
+import type { Config } from "../config.js";
+import type { Logger } from "../observability/logger.js";
+import { migrate } from "./migrate.js";
+
+export type Sql = postgres.Sql;
+
+/** The one PostgreSQL connection pool of the process, real or embedded. */
+export interface Database {
+  sql: Sql;
+  /** Throws when the database cannot answer. */
+  ping(): Promise<void>;
+  close(): Promise<void>;
+}
+
+export async function openDatabase(config: Config, log: Logger): Promise<Database> {
+  const embedded = config.databaseUrl === undefined ? await startEmbedded(config.dataDir, log) : undefined;
+  const url = embedded?.url ?? config.databaseUrl!;
+  const sql = postgres(url, {
+    // PGlite is single-connection: one pooled connection, queries queue in the client.
+    max: embedded ? 1 : 20,
+    connect_timeout: Math.max(1, Math.ceil(config.dbTimeoutSeconds)),
+    idle_timeout: embedded ? 0 : 60,
+    onnotice: () => {},
+    // int64 columns (sequences) arrive as BigInt, the type protobuf-es uses for int64 fields.
+    types: { bigint: postgres.BigInt },
+    connection: {
+      application_name: "parley",
+      statement_timeout: Math.round(config.dbTimeoutSeconds * 1000),
+    },
+  });
+  try {
+    await migrate(sql, log);
+  } catch (error) {
+    await sql.end({ timeout: 1 });
+    await embedded?.stop();
+    throw error;
+  }
+  return {
+    sql,
+    async ping() {
+      await sql`SELECT 1`;
+    },
+    async close() {
+      await sql.end({ timeout: 5 });
+      await embedded?.stop();
+    },
+  };
+}
+
+/** PGlite served on a loopback port so the very same `postgres` client and SQL run against it. */
+async function startEmbedded(dataDir: string, log: Logger) {
+  const { PGlite } = await import("@electric-sql/pglite");
+  const { PGLiteSocketServer } = await import("@electric-sql/pglite-socket");
+  const dir = path.join(dataDir, "pg");
+  await fs.mkdir(dir, { recursive: true });
+  const db = await PGlite.create(dir);
+  const server = new PGLiteSocketServer({ db, host: "127.0.0.1", port: 0 });
+  await server.start();
+  log.info({ dataDir: dir }, "embedded PostgreSQL (PGlite) started");
+  return {
+    url: `postgres://postgres@${server.getServerConn()}/postgres`,
+    async stop() {
+      await server.stop();
+      await db.close();
+    },
+  };
+}

@@ -1,0 +1,30 @@
+import http from "node:http";
+import http2 from "node:http2";
+import net from "node:net";
+
+const HTTP2_PREFACE = Buffer.from("PRI * HTTP/2.0\r\n");
+
+/**
+ * One plain TCP port for HTTP/1.1 and HTTP/2 cleartext. Node's HTTP/2 server does not fall back to
+ * HTTP/1.1 without TLS, so each connection's first bytes decide: the HTTP/2 preface goes to the h2c
+ * server (gRPC, Connect over HTTP/2), anything else to the HTTP/1.1 server (Connect, gRPC-Web,
+ * WebSocket upgrades, health and metrics).
+ */
+export function createOnePortServer(http1: http.Server, http2Server: http2.Http2Server): net.Server {
+  return net.createServer({ noDelay: true }, (socket) => {
+    let received = Buffer.alloc(0);
+    const onData = (chunk: Buffer) => {
+      received = Buffer.concat([received, chunk]);
+      const compared = Math.min(received.length, HTTP2_PREFACE.length);
+      const isHttp2 = received.subarray(0, compared).equals(HTTP2_PREFACE.subarray(0, compared));
+      if (isHttp2 && received.length < HTTP2_PREFACE.length) return; // wait for the whole preface
+      socket.off("data", onData);
+      socket.pause();
+      socket.unshift(received);
+      (isHttp2 ? http2Server : http1).emit("connection", socket);
+      socket.resume();
+    };
+    socket.on("data", onData);
+    socket.on("error", () => socket.destroy());
+  });
+}

@@ -21,8 +21,14 @@ export function createOnePortServer(http1: http.Server, http2Server: http2.Http2
       socket.off("data", onData);
       socket.pause();
       socket.unshift(received);
-      (isHttp2 ? http2Server : http1).emit("connection", socket);
-      socket.resume();
+      // The HTTP/2 session reads the unshifted preface from the socket's buffer itself; the HTTP/1.1
+      // parser needs the paused socket to flow again.
+      if (isHttp2) {
+        http2Server.emit("connection", socket);
+      } else {
+        http1.emit("connection", socket);
+        socket.resume();
+      }
     };
     socket.on("data", onData);
     socket.on("error", () => socket.destroy());

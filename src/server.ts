@@ -144,10 +144,31 @@ export async function startServer(config: Config, log: Logger = createLogger(con
   const http1 = http.createServer({ keepAliveTimeout: 65_000 }, handle);
   const h2c = http2.createServer({}, handle);
   const server = createOnePortServer(http1, h2c);
+  const sessions = new Set<http2.ServerHttp2Session>();
+  h2c.on("session", (session: http2.ServerHttp2Session) => {
+    sessions.add(session);
+    session.on("close", () => sessions.delete(session));
+  });
   const connections = new Set<net.Socket>();
+  // HTTP/1.1 keep-alive sockets with no request in flight can be closed at once on shutdown (the
+  // server's own idle tracking only works for servers that listen themselves).
+  const inFlight = new Map<net.Socket, number>();
+  http1.on("connection", (socket: net.Socket) => inFlight.set(socket, 0));
+  http1.on("request", (req: http.IncomingMessage, res: http.ServerResponse) => {
+    const socket = req.socket;
+    inFlight.set(socket, (inFlight.get(socket) ?? 0) + 1);
+    res.on("close", () => {
+      const left = (inFlight.get(socket) ?? 1) - 1;
+      inFlight.set(socket, left);
+      if (left === 0 && shutdown.signal.aborted) socket.destroySoon();
+    });
+  });
   server.on("connection", (socket: net.Socket) => {
     connections.add(socket);
-    socket.on("close", () => connections.delete(socket));
+    socket.on("close", () => {
+      connections.delete(socket);
+      inFlight.delete(socket);
+    });
   });
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);
@@ -167,13 +188,14 @@ export async function startServer(config: Config, log: Logger = createLogger(con
         log.info("shutting down");
         const stopped = new Promise<void>((resolve) => server.close(() => resolve()));
         shutdown.abort(new ConnectError("server shutting down, reconnect", Code.Unavailable));
-        http1.closeIdleConnections();
+        for (const [socket, count] of inFlight) if (count === 0) socket.destroySoon();
         const deadline = setTimeout(() => {
           for (const socket of connections) socket.destroy();
         }, config.shutdownTimeoutSeconds * 1000);
-        // HTTP/2 sessions: GOAWAY lets in-flight streams finish and refuses new ones.
+        // HTTP/2 sessions: GOAWAY lets in-flight streams finish, refuses new ones, then closes.
         h2c.close();
-        await closeWhenIdle(http1, connections);
+        for (const session of sessions) session.close();
+        await closeWhenIdle(connections);
         await stopped;
         clearTimeout(deadline);
         await bus.close();
@@ -190,10 +212,7 @@ function send(res: http.ServerResponse | http2.Http2ServerResponse, status: numb
   res.end(body);
 }
 
-/** Resolves once every connection has closed (idle HTTP/1.1 ones are closed as their requests end). */
-async function closeWhenIdle(http1: http.Server, connections: Set<net.Socket>): Promise<void> {
-  while (connections.size > 0) {
-    http1.closeIdleConnections();
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
+/** Resolves once every connection has closed. */
+async function closeWhenIdle(connections: Set<net.Socket>): Promise<void> {
+  while (connections.size > 0) await new Promise((resolve) => setTimeout(resolve, 20));
 }

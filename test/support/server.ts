@@ -49,6 +49,8 @@ export interface TestServer {
   restart(): Promise<TestServer>;
   /** Stops the server and deletes its data. */
   destroy(): Promise<void>;
+  /** Another instance on the same PostgreSQL database and bus (needs TEST_DATABASE_URL). */
+  peer(): Promise<TestServer>;
 }
 
 /**
@@ -89,6 +91,25 @@ export async function startTestServer(extraEnv: Record<string, string> = {}): Pr
       destroy: async () => {
         await server.close();
         await cleanup();
+      },
+      peer: async () => {
+        if (!database) throw new Error("a peer instance needs TEST_DATABASE_URL (PGlite is single-process)");
+        const peerDir = await fs.mkdtemp(path.join(os.tmpdir(), "parley-peer-"));
+        const peerConfig = loadConfig({ ...env, PARLEY_DATA_DIR: peerDir });
+        const peerServer = await startServer(peerConfig, createLogger(peerConfig.logLevel));
+        const stopPeer = async () => {
+          await peerServer.close();
+          await fs.rm(peerDir, { recursive: true, force: true });
+        };
+        return {
+          ...self,
+          server: peerServer,
+          url: `http://127.0.0.1:${peerServer.port}`,
+          address: `127.0.0.1:${peerServer.port}`,
+          stop: stopPeer,
+          destroy: stopPeer,
+          restart: () => Promise.reject(new Error("restart a peer by calling peer() again")),
+        };
       },
     };
     return self;

@@ -1,0 +1,229 @@
+import { test } from "uvu";
+import * as assert from "uvu/assert";
+import { Code, ConnectError } from "@connectrpc/connect";
+import * as grpc from "@grpc/grpc-js";
+import type { Message } from "../gen/parley/v1/message_pb.js";
+import type { Notification } from "../gen/parley/v1/notification_pb.js";
+import { grpcMetadata, grpcPackage, parleyClient, type ParleyClient, type Protocol } from "./support/clients.js";
+import { startTestServer, tokenFor, uniqueTenant, type TestServer } from "./support/server.js";
+import { StreamReader } from "./support/streams.js";
+
+let server: TestServer;
+test.before(async () => {
+  server = await startTestServer({ PARLEY_SEND_RATE: "100000", PARLEY_SEND_BURST: "100000", PARLEY_HEARTBEAT_SECONDS: "0.3" });
+});
+test.after(async () => {
+  await server.destroy();
+});
+
+async function user(tenant: string, id: string, protocol: Protocol = "connect"): Promise<ParleyClient> {
+  return parleyClient(server.url, await tokenFor(tenant, id), protocol);
+}
+
+function subscribe(client: ParleyClient, includeMessages = false): StreamReader<Notification> {
+  const abort = new AbortController();
+  return new StreamReader(client.notifications.subscribe({ includeMessages }, { signal: abort.signal }), abort);
+}
+
+function watch(client: ParleyClient, chatId: string, afterSequence = 0n, timeoutMs?: number): StreamReader<Message> {
+  const abort = new AbortController();
+  return new StreamReader(client.messages.watchMessages({ chatId, afterSequence }, { signal: abort.signal, timeoutMs }), abort);
+}
+
+const isEvent = (kind: string) => (n: Notification) => n.event.case === kind;
+
+test("subscribe - Ready first, then ChatCreated, messages with and without bodies", async () => {
+  const tenant = uniqueTenant();
+  const alice = await user(tenant, "alice");
+  const bob = await user(tenant, "bob", "connect-http2");
+  const bare = subscribe(bob);
+  const full = subscribe(bob, true);
+  assert.is((await bare.next()).event.case, "ready");
+  assert.is((await full.next()).event.case, "ready");
+  const { chat } = await alice.chats.createChat({ name: "team", memberIds: ["bob"] });
+  const created = await bare.nextMatching(isEvent("chatCreated"));
+  assert.equal(created.event.value, { ...created.event.value, chatId: chat!.id, name: "team", creatorId: "alice" });
+  const { message } = await alice.messages.sendMessage({ chatId: chat!.id, text: "hello bob" });
+  const lean = await bare.nextMatching(isEvent("messageCreated"));
+  const rich = await full.nextMatching(isEvent("messageCreated"));
+  if (lean.event.case !== "messageCreated" || rich.event.case !== "messageCreated") throw new Error("unreachable");
+  assert.is(lean.chatId, chat!.id);
+  assert.is(lean.event.value.messageId, message!.id);
+  assert.is(lean.event.value.sequence, 1n);
+  assert.is(lean.event.value.senderId, "alice");
+  assert.is(lean.event.value.message, undefined);
+  assert.is(rich.event.value.message?.text, "hello bob");
+  bare.close();
+  full.close();
+});
+
+test("subscribe - joins while subscribed, MemberAdded to all, nothing after removal", async () => {
+  const tenant = uniqueTenant();
+  const alice = await user(tenant, "alice");
+  const carol = await user(tenant, "carol");
+  const { chat } = await alice.chats.createChat({ name: "room", memberIds: [] });
+  const aliceStream = subscribe(alice);
+  const carolStream = subscribe(carol, true);
+  await aliceStream.next();
+  await carolStream.next();
+  await alice.members.addMembers({ chatId: chat!.id, userIds: ["carol"] });
+  for (const stream of [aliceStream, carolStream]) {
+    const added = await stream.nextMatching(isEvent("memberAdded"));
+    assert.equal([added.event.value && (added.event.value as { userId: string }).userId, (added.event.value as { addedBy: string }).addedBy], ["carol", "alice"]);
+  }
+  await alice.messages.sendMessage({ chatId: chat!.id, text: "welcome" });
+  const welcome = await carolStream.nextMatching(isEvent("messageCreated"));
+  assert.is(welcome.event.case === "messageCreated" && welcome.event.value.message?.text, "welcome");
+  await alice.members.removeMember({ chatId: chat!.id, userId: "carol" });
+  for (const stream of [aliceStream, carolStream]) {
+    const removed = await stream.nextMatching(isEvent("memberRemoved"));
+    assert.is((removed.event.value as { userId: string }).userId, "carol");
+    assert.is((removed.event.value as { removedBy: string }).removedBy, "alice");
+  }
+  await alice.messages.sendMessage({ chatId: chat!.id, text: "after carol left" });
+  await aliceStream.nextMatching(isEvent("messageCreated"));
+  const late = (await carolStream.drain(400)).filter((n) => n.event.case === "messageCreated");
+  assert.equal(late, [], "a removed member receives no more messages");
+  aliceStream.close();
+  carolStream.close();
+});
+
+test("subscribe - ReadUpdated reaches the same user's other streams; heartbeats arrive", async () => {
+  const tenant = uniqueTenant();
+  const alice = await user(tenant, "alice");
+  const bob = await user(tenant, "bob");
+  const { chat } = await alice.chats.createChat({ name: "r", memberIds: ["bob"] });
+  await alice.messages.sendMessage({ chatId: chat!.id, text: "1" });
+  await alice.messages.sendMessage({ chatId: chat!.id, text: "2" });
+  const phone = subscribe(bob);
+  const laptop = subscribe(bob);
+  await phone.next();
+  await laptop.next();
+  await bob.chats.markRead({ chatId: chat!.id, sequence: 2n });
+  for (const device of [phone, laptop]) {
+    const read = await device.nextMatching(isEvent("readUpdated"));
+    assert.equal([read.chatId, (read.event.value as { readSequence: bigint }).readSequence], [chat!.id, 2n]);
+  }
+  await phone.nextMatching(isEvent("heartbeat"), 2000);
+  phone.close();
+  laptop.close();
+});
+
+test("watch - replays history, then live, gap-free even while sends race the replay", async () => {
+  const tenant = uniqueTenant();
+  const alice = await user(tenant, "alice");
+  const { chat } = await alice.chats.createChat({ name: "w", memberIds: ["bob"] });
+  for (let i = 0; i < 600; i++) await alice.messages.sendMessage({ chatId: chat!.id, text: `m${i + 1}` });
+  const bob = await user(tenant, "bob", "connect-http2");
+  const stream = watch(bob, chat!.id, 100n);
+  const racing = (async () => {
+    for (let i = 600; i < 700; i++) await alice.messages.sendMessage({ chatId: chat!.id, text: `m${i + 1}` });
+  })();
+  const seen: bigint[] = [];
+  while (seen.length < 600) seen.push((await stream.next(10_000)).sequence);
+  await racing;
+  assert.equal(seen, Array.from({ length: 600 }, (_, i) => BigInt(i + 101)));
+  assert.equal(await stream.drain(300), [], "no duplicates after the last message");
+  stream.close();
+});
+
+test("watch - ends with NOT_FOUND when the caller is removed; non-member gets NOT_FOUND", async () => {
+  const tenant = uniqueTenant();
+  const alice = await user(tenant, "alice");
+  const bob = await user(tenant, "bob");
+  const { chat } = await alice.chats.createChat({ name: "x", memberIds: ["bob"] });
+  const stream = watch(bob, chat!.id);
+  await alice.messages.sendMessage({ chatId: chat!.id, text: "hi" });
+  assert.is((await stream.next()).text, "hi");
+  await alice.members.removeMember({ chatId: chat!.id, userId: "bob" });
+  const error = await stream.ended_();
+  assert.is(ConnectError.from(error).code, Code.NotFound);
+  const outsider = watch(await user(tenant, "mallory"), chat!.id);
+  assert.is(ConnectError.from(await outsider.ended_()).code, Code.NotFound);
+});
+
+test("watch - deadline is honoured with DEADLINE_EXCEEDED", async () => {
+  const tenant = uniqueTenant();
+  const alice = await user(tenant, "alice");
+  const { chat } = await alice.chats.createChat({ name: "d" });
+  const stream = watch(alice, chat!.id, 0n, 300);
+  assert.is(ConnectError.from(await stream.ended_(3000)).code, Code.DeadlineExceeded);
+});
+
+test("streams - grpc-js client receives Subscribe and WatchMessages over h2c", async () => {
+  const tenant = uniqueTenant();
+  const alice = await user(tenant, "alice");
+  const token = await tokenFor(tenant, "bob");
+  const { chat } = await alice.chats.createChat({ name: "g", memberIds: ["bob"] });
+  const pkg = grpcPackage();
+  // grpc-js stubs are untyped: methods are looked up by name at run time.
+  const messages = new pkg.parley.v1.MessageService!(server.address, grpc.credentials.createInsecure()) as any;
+  const notifications = new pkg.parley.v1.NotificationService!(server.address, grpc.credentials.createInsecure()) as any;
+  const watchCall = messages.watchMessages({ chatId: chat!.id, afterSequence: "0" }, grpcMetadata(token));
+  const subscribeCall = notifications.subscribe({ includeMessages: true }, grpcMetadata(token));
+  const watched: { sequence: string; text: string }[] = [];
+  const notified: { event: string; messageCreated?: { message?: { text: string } } }[] = [];
+  watchCall.on("data", (m: { sequence: string; text: string }) => watched.push(m));
+  subscribeCall.on("data", (n: { event: string }) => notified.push(n));
+  watchCall.on("error", () => {});
+  subscribeCall.on("error", () => {});
+  await until(() => notified.length > 0);
+  assert.is(notified[0]!.event, "ready");
+  await alice.messages.sendMessage({ chatId: chat!.id, text: "over grpc" });
+  await until(() => watched.length === 1 && notified.some((n) => n.event === "messageCreated"));
+  assert.is(watched[0]!.text, "over grpc");
+  assert.is(watched[0]!.sequence, "1");
+  assert.is(notified.find((n) => n.event === "messageCreated")!.messageCreated!.message!.text, "over grpc");
+  watchCall.cancel();
+  subscribeCall.cancel();
+  messages.close();
+  notifications.close();
+});
+
+test("streams - cancelled streams release their bus subscriptions", async () => {
+  const tenant = uniqueTenant();
+  const alice = await user(tenant, "alice");
+  const { chat } = await alice.chats.createChat({ name: "c" });
+  await until(() => server.server.fanout.subscriptionCount === 0, 3000).catch(() => {});
+  const before = server.server.fanout.subscriptionCount;
+  const streams = [subscribe(alice), subscribe(alice, true), watch(alice, chat!.id), watch(alice, chat!.id)];
+  await streams[0]!.next();
+  await streams[1]!.next();
+  await alice.messages.sendMessage({ chatId: chat!.id, text: "x" });
+  await streams[2]!.next();
+  await streams[3]!.next();
+  // user subject + chat subject, each shared by the streams that need it
+  assert.is(server.server.fanout.subscriptionCount, before + 2);
+  for (const s of streams) s.close();
+  await until(() => server.server.fanout.subscriptionCount === before, 3000);
+  const metrics = await (await fetch(`${server.url}/metrics`)).text();
+  assert.match(metrics, /parley_active_streams\{kind="subscribe"\} 0/);
+  assert.match(metrics, /parley_active_streams\{kind="watch"\} 0/);
+});
+
+test("streams - server shutdown ends open streams with UNAVAILABLE", async () => {
+  const own = await startTestServer();
+  try {
+    const tenant = uniqueTenant();
+    const alice = parleyClient(own.url, await tokenFor(tenant, "alice"), "connect-http2");
+    const { chat } = await alice.chats.createChat({ name: "s" });
+    const sub = new StreamReader(alice.notifications.subscribe({}));
+    const w = new StreamReader(alice.messages.watchMessages({ chatId: chat!.id }));
+    await sub.next();
+    await own.stop();
+    assert.is(ConnectError.from(await sub.ended_()).code, Code.Unavailable);
+    assert.is(ConnectError.from(await w.ended_()).code, Code.Unavailable);
+  } finally {
+    await own.destroy().catch(() => {});
+  }
+});
+
+async function until(condition: () => boolean, timeoutMs = 5000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error("condition not met in time");
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+test.run();

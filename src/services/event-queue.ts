@@ -20,8 +20,14 @@ export class EventQueue<T> {
     this.wake();
   }
 
-  /** The next item, "overflow" once after events were dropped, or "aborted" when the signal fires. */
-  async next(signal: AbortSignal): Promise<T | "overflow" | "aborted"> {
+  /**
+   * The next item, "overflow" once after events were dropped, "aborted" when the signal fires, or
+   * "idle" when nothing arrived for idleMs.
+   */
+  next(signal: AbortSignal): Promise<T | "overflow" | "aborted">;
+  next(signal: AbortSignal, idleMs: number): Promise<T | "overflow" | "aborted" | "idle">;
+  async next(signal: AbortSignal, idleMs = Infinity): Promise<T | "overflow" | "aborted" | "idle"> {
+    const deadline = performance.now() + idleMs;
     for (;;) {
       if (signal.aborted) return "aborted";
       if (this.overflowed) {
@@ -30,8 +36,12 @@ export class EventQueue<T> {
       }
       const item = this.items.shift();
       if (item !== undefined) return item;
+      const wait = deadline - performance.now();
+      if (wait <= 0) return "idle";
       await new Promise<void>((resolve) => {
+        const timer = Number.isFinite(wait) ? setTimeout(() => done(), wait) : undefined;
         const done = () => {
+          clearTimeout(timer);
           signal.removeEventListener("abort", done);
           this.waiter = undefined;
           resolve();

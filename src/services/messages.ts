@@ -24,6 +24,11 @@ const REPLAY_BATCH = 500;
 export interface StreamLimits {
   /** Events a stream may fall behind before it must recover (see EventQueue). */
   queueLimit: number;
+  /**
+   * A quiet watch stream checks storage this often: a lost last event (bus outage) or a lost removal
+   * is noticed even when no later event arrives.
+   */
+  watchResyncMs: number;
 }
 
 export class Messages {
@@ -128,10 +133,10 @@ export class Messages {
       }.bind(this);
       yield* catchUp();
       for (;;) {
-        const event = await queue.next(signal);
+        const event = await queue.next(signal, this.limits.watchResyncMs);
         if (event === "aborted") throw abortReason(signal);
-        if (event === "overflow") {
-          // This stream fell behind and events were dropped: storage has them all.
+        if (event === "overflow" || event === "idle") {
+          // Events were dropped (this stream fell behind) or may have been lost: storage has them all.
           if (!(await this.members.isMember(tenantId, chatId, userId))) throw new NotFoundError("chat");
           yield* catchUp();
           continue;

@@ -37,6 +37,8 @@ import { createOnePortServer } from "./transport/one-port.js";
 
 /** Events a stream may fall behind before it is resynchronised (watch) or closed (subscribe). */
 const STREAM_QUEUE_LIMIT = 1000;
+/** How often a quiet WatchMessages stream re-checks storage and membership. */
+const WATCH_RESYNC_MS = 15_000;
 
 export interface ParleyServer {
   /** The port actually bound (useful with PARLEY_PORT=0). */
@@ -70,7 +72,7 @@ export async function startServer(config: Config, log: Logger = createLogger(con
     members: new Members(members, events, pageTokens, config.maxMembers),
     messages: new Messages(
       new MessageStore(db.sql), members, events, fanout, subjects, pageTokens,
-      new RateLimiter(config.sendRatePerSecond, config.sendBurst), metrics, { queueLimit: STREAM_QUEUE_LIMIT },
+      new RateLimiter(config.sendRatePerSecond, config.sendBurst), metrics, { queueLimit: STREAM_QUEUE_LIMIT, watchResyncMs: WATCH_RESYNC_MS },
     ),
     notifications: new Notifications(members, fanout, subjects, metrics, {
       heartbeatSeconds: config.heartbeatSeconds,

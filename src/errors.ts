@@ -17,7 +17,8 @@ export interface FieldViolation {
 
 export class InvalidArgumentError extends Error {
   constructor(readonly violations: FieldViolation[]) {
-    super(violations.map((v) => `${v.field}: ${v.description}`).join("; "));
+    // No ":" or ";" in the text: grpc-js shows those percent-encoded in grpc-message.
+    super(violations.map((v) => `invalid ${v.field} (${v.description})`).join(" and "));
   }
   static field(field: string, description: string): InvalidArgumentError {
     return new InvalidArgumentError([{ field, description }]);

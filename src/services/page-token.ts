@@ -40,5 +40,5 @@ export class PageTokens {
 }
 
 function invalid(): InvalidArgumentError {
-  return InvalidArgumentError.field(FIELD, "invalid page token, or reused with different chat, order or filters");
+  return InvalidArgumentError.field(FIELD, "is invalid or belongs to a different request (chat and order and filters must not change)");
 }

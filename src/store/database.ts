@@ -21,7 +21,8 @@ export async function openDatabase(config: Config, log: Logger): Promise<Databas
   const sql = postgres(url, {
     // PGlite is single-connection: one pooled connection, queries queue in the client.
     max: embedded ? 1 : 20,
-    connect_timeout: Math.max(1, Math.ceil(config.dbTimeoutSeconds)),
+    // Booting PGlite blocks this process's event loop for seconds: give the first connection time.
+    connect_timeout: embedded ? Math.max(60, config.dbTimeoutSeconds) : Math.max(1, Math.ceil(config.dbTimeoutSeconds)),
     idle_timeout: embedded ? 0 : 60,
     onnotice: () => {},
     // int64 columns (sequences) arrive as BigInt, the type protobuf-es uses for int64 fields.

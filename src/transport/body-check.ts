@@ -1,3 +1,4 @@
+import zlib from "node:zlib";
 import { fromBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError, createContextKey, createContextValues, type Interceptor } from "@connectrpc/connect";
 import type { UniversalHandler, UniversalServerRequest } from "@connectrpc/connect/protocol";
@@ -26,7 +27,7 @@ export function withBodyCheck(handler: UniversalHandler, readMaxBytes: number): 
     const { bytes, complete } = await readUpTo(req.body, readMaxBytes + 5);
     const replay = { ...req, body: replayThenRest(bytes, complete ? undefined : req.body) };
     if (!complete) return handler(replay); // too large: Connect enforces readMaxBytes itself
-    const payload = enveloped ? unenvelope(bytes) : bytes;
+    const payload = enveloped ? unenvelope(bytes, req.header, readMaxBytes) : bytes;
     if (payload === undefined) return handler(replay);
     try {
       fromBinary(handler.method.input, payload);
@@ -50,12 +51,22 @@ export const rejectUndecodableBody: Interceptor = (next) => async (req) => {
   return next(req);
 };
 
-/** The message of a single uncompressed envelope; undefined when Connect should judge it. */
-function unenvelope(bytes: Uint8Array): Uint8Array | undefined {
-  if (bytes.length < 5 || (bytes[0]! & COMPRESSED_FLAG) !== 0) return undefined;
+/** The message of a single envelope, decompressed; undefined when Connect should judge it. */
+function unenvelope(bytes: Uint8Array, header: Headers, readMaxBytes: number): Uint8Array | undefined {
+  if (bytes.length < 5) return undefined;
   const length = new DataView(bytes.buffer, bytes.byteOffset + 1, 4).getUint32(0);
   if (bytes.length !== 5 + length) return undefined;
-  return bytes.subarray(5);
+  const message = bytes.subarray(5);
+  if ((bytes[0]! & COMPRESSED_FLAG) === 0) return message;
+  const encoding = header.get("grpc-encoding") ?? header.get("connect-content-encoding");
+  const options = { maxOutputLength: readMaxBytes };
+  try {
+    if (encoding === "gzip") return zlib.gunzipSync(message, options);
+    if (encoding === "br") return zlib.brotliDecompressSync(message, options);
+  } catch {
+    // A broken compressed stream: Connect reports that itself.
+  }
+  return undefined;
 }
 
 function isByteStream(body: unknown): body is AsyncIterable<Uint8Array> {

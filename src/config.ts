@@ -27,6 +27,16 @@ export interface Config {
   maxRequestBytes: number;
   shutdownTimeoutSeconds: number;
   logLevel: string;
+  hub: {
+    /** Seconds between the hub's pings to a client. */
+    keepAliveSeconds: number;
+    /** Seconds without any message from a client before the hub closes the connection. */
+    timeoutSeconds: number;
+    /** Largest WebSocket message the hub accepts. */
+    maxMessageBytes: number;
+  };
+  /** Origins allowed for CORS on the hub's negotiate request and WebSocket ("*" = any). */
+  corsOrigins: string[];
 }
 
 export class ConfigError extends Error {}
@@ -77,6 +87,7 @@ export function loadConfig(env: Env = process.env): Config {
   if (!["fatal", "error", "warn", "info", "debug", "trace", "silent"].includes(logLevel)) {
     throw new ConfigError("PARLEY_LOG_LEVEL must be one of fatal, error, warn, info, debug, trace, silent");
   }
+  const corsOrigins = origins(optional(env, "PARLEY_CORS_ORIGINS") ?? (production ? "" : "*"));
   return {
     host: optional(env, "PARLEY_HOST") ?? "0.0.0.0",
     port: integer(env, "PARLEY_PORT", 8080, 0, 65535),
@@ -100,7 +111,31 @@ export function loadConfig(env: Env = process.env): Config {
     maxRequestBytes: integer(env, "PARLEY_MAX_REQUEST_BYTES", 1024 * 1024, 1024, 64 * 1024 * 1024),
     shutdownTimeoutSeconds: number(env, "PARLEY_SHUTDOWN_TIMEOUT_SECONDS", 10, 0, 600),
     logLevel,
+    hub: {
+      keepAliveSeconds: number(env, "PARLEY_HUB_KEEPALIVE_SECONDS", 15, 0.05, 3600),
+      timeoutSeconds: number(env, "PARLEY_HUB_TIMEOUT_SECONDS", 30, 0.1, 3600),
+      maxMessageBytes: integer(env, "PARLEY_HUB_MAX_MESSAGE_BYTES", 64 * 1024, 1024, 16 * 1024 * 1024),
+    },
+    corsOrigins,
   };
+}
+
+/** PARLEY_CORS_ORIGINS: "*" or comma-separated origins such as https://app.example.com, normalised as browsers send them. */
+function origins(raw: string): string[] {
+  return raw.split(",").map((o) => o.trim()).filter((o) => o !== "").map((origin) => {
+    if (origin === "*") return origin;
+    let url: URL | undefined;
+    try {
+      url = new URL(origin);
+    } catch {
+      url = undefined;
+    }
+    const bare = url && url.pathname === "/" && url.search === "" && url.hash === "" && url.username === "";
+    if (!url || url.origin === "null" || !bare) {
+      throw new ConfigError(`PARLEY_CORS_ORIGINS has an invalid origin "${origin}" (expected * or scheme://host[:port])`);
+    }
+    return url.origin;
+  });
 }
 
 function optional(env: Env, name: string): string | undefined {

@@ -1,3 +1,4 @@
+import { setMaxListeners } from "node:events";
 import http from "node:http";
 import http2 from "node:http2";
 import type net from "node:net";
@@ -17,6 +18,7 @@ import type { Config } from "./config.js";
 import { parleyServices, registerParley } from "./connect.js";
 import { registerHealth } from "./grpc/health.js";
 import { registerReflection } from "./grpc/reflection.js";
+import { createHub } from "./hub/hub.js";
 import { createLogger, type Logger } from "./observability/logger.js";
 import { Metrics } from "./observability/metrics.js";
 import { Chats } from "./services/chats.js";
@@ -32,13 +34,14 @@ import { MemberStore } from "./store/member-store.js";
 import { MessageStore } from "./store/message-store.js";
 import { loadServerSecret } from "./store/server-secrets.js";
 import { rejectUndecodableBody, withBodyCheck } from "./transport/body-check.js";
-import { authenticate, mapErrors, observe } from "./transport/interceptors.js";
+import { assignRequestId, authenticate, mapErrors, observe } from "./transport/interceptors.js";
 import { createOnePortServer } from "./transport/one-port.js";
 
 /** Events a stream may fall behind before it is resynchronised (watch) or closed (subscribe). */
 const STREAM_QUEUE_LIMIT = 1000;
 /** How often a quiet WatchMessages stream re-checks storage and membership. */
 const WATCH_RESYNC_MS = 15_000;
+const MAX_HEADER_BYTES = 256 * 1024;
 
 export interface ParleyServer {
   /** The port actually bound (useful with PARLEY_PORT=0). */
@@ -66,6 +69,7 @@ export async function startServer(config: Config, log: Logger = createLogger(con
   const fanout = new Fanout(bus, metrics, log);
   const events = new Events(bus, subjects, metrics, log);
   const pageTokens = new PageTokens(await loadServerSecret(db.sql, "page_token_key"));
+  const hubSecret = await loadServerSecret(db.sql, "hub_connection_key");
   const members = new MemberStore(db.sql);
   const services = {
     chats: new Chats(new ChatStore(db.sql), events, pageTokens, config.maxMembers),
@@ -90,6 +94,8 @@ export async function startServer(config: Config, log: Logger = createLogger(con
   };
 
   const shutdown = new AbortController();
+  // Every in-flight RPC links to this signal for its lifetime.
+  setMaxListeners(0, shutdown.signal);
   const router = createConnectRouter({
     readMaxBytes: config.maxRequestBytes,
     acceptCompression: [compressionGzip, compressionBrotli],
@@ -120,6 +126,7 @@ export async function startServer(config: Config, log: Logger = createLogger(con
     const path = (req.url ?? "/").split("?", 1)[0]!;
     const rpc = rpcs.get(path);
     if (rpc) {
+      assignRequestId(req, res);
       const uReq = universalRequestFromNodeRequest(req, res, undefined, undefined);
       rpc(uReq)
         .then((uRes) => universalResponseToNodeResponse(uRes, res))
@@ -140,11 +147,14 @@ export async function startServer(config: Config, log: Logger = createLogger(con
     if (req.method === "GET" && path === "/metrics") {
       return send(res, 200, metrics.registry.contentType, await metrics.registry.metrics());
     }
+    if (hub.handleHttp(req, res)) return;
     send(res, 404, "text/plain", "not found\n");
   };
 
-  const http1 = http.createServer({ keepAliveTimeout: 65_000 }, handle);
-  const h2c = http2.createServer({}, handle);
+  // Header limits well above the 8 KiB token limit, so an oversized token gets a clean UNAUTHENTICATED.
+  const http1 = http.createServer({ keepAliveTimeout: 65_000, maxHeaderSize: MAX_HEADER_BYTES }, handle);
+  const h2c = http2.createServer({ maxSessionMemory: 64, settings: { maxHeaderListSize: MAX_HEADER_BYTES } }, handle);
+  const hub = createHub({ http1, verifier, services, config, log, metrics, secret: hubSecret });
   const server = createOnePortServer(http1, h2c);
   const sessions = new Set<http2.ServerHttp2Session>();
   h2c.on("session", (session: http2.ServerHttp2Session) => {
@@ -156,6 +166,8 @@ export async function startServer(config: Config, log: Logger = createLogger(con
   // server's own idle tracking only works for servers that listen themselves).
   const inFlight = new Map<net.Socket, number>();
   http1.on("connection", (socket: net.Socket) => inFlight.set(socket, 0));
+  // WebSocket sockets belong to the hub, which closes them itself on shutdown.
+  http1.on("upgrade", (req: http.IncomingMessage) => inFlight.delete(req.socket));
   http1.on("request", (req: http.IncomingMessage, res: http.ServerResponse) => {
     const socket = req.socket;
     inFlight.set(socket, (inFlight.get(socket) ?? 0) + 1);
@@ -190,6 +202,7 @@ export async function startServer(config: Config, log: Logger = createLogger(con
         log.info("shutting down");
         const stopped = new Promise<void>((resolve) => server.close(() => resolve()));
         shutdown.abort(new ConnectError("server shutting down, reconnect", Code.Unavailable));
+        const hubClosed = hub.close();
         for (const [socket, count] of inFlight) if (count === 0) socket.destroySoon();
         const deadline = setTimeout(() => {
           for (const socket of connections) socket.destroy();
@@ -197,6 +210,7 @@ export async function startServer(config: Config, log: Logger = createLogger(con
         // HTTP/2 sessions: GOAWAY lets in-flight streams finish, refuses new ones, then closes.
         h2c.close();
         for (const session of sessions) session.close();
+        await hubClosed;
         await closeWhenIdle(connections);
         await stopped;
         clearTimeout(deadline);

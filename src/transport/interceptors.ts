@@ -1,4 +1,6 @@
 import { randomUUID } from "node:crypto";
+import type http from "node:http";
+import type http2 from "node:http2";
 import { ConnectError, type Interceptor } from "@connectrpc/connect";
 import { callerKey } from "../auth/caller.js";
 import type { TokenVerifier } from "../auth/token-verifier.js";
@@ -6,10 +8,13 @@ import { toConnectError } from "../errors.js";
 import type { Logger } from "../observability/logger.js";
 import type { Metrics } from "../observability/metrics.js";
 
-/** Counts, times and logs every RPC (streams when they end) with a request id; never logs payloads. */
+/**
+ * Counts, times and logs every RPC (streams when they end) with its request id (set by the server for
+ * every request, see assignRequestId); never logs payloads.
+ */
 export function observe(metrics: Metrics, log: Logger): Interceptor {
   return (next) => async (req) => {
-    const requestId = req.header.get("x-request-id")?.slice(0, 128) || randomUUID();
+    const requestId = req.header.get("x-request-id");
     const method = `${req.service.typeName}/${req.method.name}`;
     const started = performance.now();
     const finish = (error: unknown) => {
@@ -25,7 +30,6 @@ export function observe(metrics: Metrics, log: Logger): Interceptor {
     };
     try {
       const res = await next(req);
-      res.header.set("x-request-id", requestId);
       if (!res.stream) {
         finish(undefined);
         return res;
@@ -36,6 +40,17 @@ export function observe(metrics: Metrics, log: Logger): Interceptor {
       throw error;
     }
   };
+}
+
+/**
+ * Gives every request an id, the client's x-request-id or a new one, echoed in the response headers
+ * (also of errors that Connect raises before any interceptor runs).
+ */
+export function assignRequestId(req: http.IncomingMessage | http2.Http2ServerRequest, res: http.ServerResponse | http2.Http2ServerResponse): void {
+  const given = req.headers["x-request-id"];
+  const requestId = (typeof given === "string" && /^[\x21-\x7e]{1,128}$/.test(given) && given) || randomUUID();
+  req.headers["x-request-id"] = requestId;
+  res.setHeader("x-request-id", requestId);
 }
 
 /** Maps domain errors to Connect codes (unary and streams), via the one table in errors.ts. */

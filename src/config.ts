@@ -23,6 +23,8 @@ export interface Config {
   sendRatePerSecond: number;
   sendBurst: number;
   maxMembers: number;
+  /** Concurrent Subscribe/WatchMessages/hub streams per user and instance. */
+  maxStreamsPerUser: number;
   heartbeatSeconds: number;
   maxRequestBytes: number;
   shutdownTimeoutSeconds: number;
@@ -107,6 +109,7 @@ export function loadConfig(env: Env = process.env): Config {
     sendRatePerSecond: number(env, "PARLEY_SEND_RATE", 20, 0.001, 1_000_000),
     sendBurst: integer(env, "PARLEY_SEND_BURST", 40, 1, 1_000_000),
     maxMembers: integer(env, "PARLEY_MAX_MEMBERS", 10_000, 1, 10_000_000),
+    maxStreamsPerUser: integer(env, "PARLEY_MAX_STREAMS_PER_USER", 100, 1, 1_000_000),
     heartbeatSeconds: number(env, "PARLEY_HEARTBEAT_SECONDS", 25, 0.05, 3600),
     maxRequestBytes: integer(env, "PARLEY_MAX_REQUEST_BYTES", 1024 * 1024, 1024, 64 * 1024 * 1024),
     shutdownTimeoutSeconds: number(env, "PARLEY_SHUTDOWN_TIMEOUT_SECONDS", 10, 0, 600),

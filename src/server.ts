@@ -28,6 +28,7 @@ import { Messages } from "./services/messages.js";
 import { Notifications } from "./services/notifications.js";
 import { PageTokens } from "./services/page-token.js";
 import { RateLimiter } from "./services/rate-limiter.js";
+import { StreamSlots } from "./services/stream-slots.js";
 import { ChatStore } from "./store/chat-store.js";
 import { openDatabase } from "./store/database.js";
 import { MemberStore } from "./store/member-store.js";
@@ -71,17 +72,19 @@ export async function startServer(config: Config, log: Logger = createLogger(con
   const pageTokens = new PageTokens(await loadServerSecret(db.sql, "page_token_key"));
   const hubSecret = await loadServerSecret(db.sql, "hub_connection_key");
   const members = new MemberStore(db.sql);
+  const streamSlots = new StreamSlots(config.maxStreamsPerUser);
   const services = {
     chats: new Chats(new ChatStore(db.sql), events, pageTokens, config.maxMembers),
     members: new Members(members, events, pageTokens, config.maxMembers),
     messages: new Messages(
       new MessageStore(db.sql), members, events, fanout, subjects, pageTokens,
-      new RateLimiter(config.sendRatePerSecond, config.sendBurst), metrics, { queueLimit: STREAM_QUEUE_LIMIT, watchResyncMs: WATCH_RESYNC_MS },
+      new RateLimiter(config.sendRatePerSecond, config.sendBurst), metrics,
+      { queueLimit: STREAM_QUEUE_LIMIT, watchResyncMs: WATCH_RESYNC_MS }, streamSlots,
     ),
     notifications: new Notifications(members, fanout, subjects, metrics, {
       heartbeatSeconds: config.heartbeatSeconds,
       queueLimit: STREAM_QUEUE_LIMIT,
-    }),
+    }, streamSlots),
   };
 
   const isReady = async () => {

@@ -218,6 +218,42 @@ test("streams - server shutdown ends open streams with UNAVAILABLE", async () =>
   }
 });
 
+test("streams - a user's concurrent streams are capped with RESOURCE_EXHAUSTED; closing one frees a slot", async () => {
+  const own = await startTestServer({ PARLEY_MAX_STREAMS_PER_USER: "2" });
+  try {
+    const tenant = uniqueTenant();
+    const alice = parleyClient(own.url, await tokenFor(tenant, "alice"), "connect-http2");
+    const bob = parleyClient(own.url, await tokenFor(tenant, "bob"), "connect-http2");
+    const { chat } = await alice.chats.createChat({ name: "cap", memberIds: ["bob"] });
+    const first = subscribeOn(alice);
+    const second = new StreamReader(alice.messages.watchMessages({ chatId: chat!.id }), new AbortController());
+    await first.next();
+    await alice.messages.sendMessage({ chatId: chat!.id, text: "x" });
+    await second.next();
+    const third = subscribeOn(alice);
+    assert.is(ConnectError.from(await third.ended_()).code, Code.ResourceExhausted);
+    const other = subscribeOn(bob);
+    assert.is((await other.next()).event.case, "ready", "the cap is per user");
+    first.close();
+    await first.ended_();
+    // The server frees the slot when it sees the cancellation, a moment after the client gave up.
+    let retry = subscribeOn(alice);
+    for (let attempt = 0; attempt < 20 && (await retry.next().then(() => false, () => true)); attempt++) {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      retry = subscribeOn(alice);
+    }
+    assert.is(retry.error, undefined, "a freed slot can be used again");
+    for (const s of [second, other, retry]) s.close();
+  } finally {
+    await own.destroy();
+  }
+});
+
+function subscribeOn(client: ParleyClient): StreamReader<Notification> {
+  const abort = new AbortController();
+  return new StreamReader(client.notifications.subscribe({}, { signal: abort.signal }), abort);
+}
+
 async function until(condition: () => boolean, timeoutMs = 5000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!condition()) {

@@ -17,6 +17,7 @@ import { Events } from "../src/services/events.js";
 import { Messages } from "../src/services/messages.js";
 import { PageTokens } from "../src/services/page-token.js";
 import { RateLimiter } from "../src/services/rate-limiter.js";
+import { StreamSlots } from "../src/services/stream-slots.js";
 import { ChatStore } from "../src/store/chat-store.js";
 import { openDatabase, type Database } from "../src/store/database.js";
 import { MemberStore } from "../src/store/member-store.js";
@@ -64,7 +65,7 @@ function messagesService(bus: Bus, queueLimit: number) {
   return new Messages(
     new MessageStore(db.sql), new MemberStore(db.sql), new Events(bus, subjects, metrics, log),
     new Fanout(bus, metrics, log), subjects, new PageTokens(Buffer.alloc(32)),
-    new RateLimiter(1e9, 1e9), metrics, { queueLimit, watchResyncMs: 200 },
+    new RateLimiter(1e9, 1e9), metrics, { queueLimit, watchResyncMs: 200 }, new StreamSlots(10),
   );
 }
 

@@ -16,6 +16,7 @@ import { abortReason, EventQueue } from "./event-queue.js";
 import type { Events } from "./events.js";
 import type { PageTokens } from "./page-token.js";
 import type { RateLimiter } from "./rate-limiter.js";
+import type { StreamSlots } from "./stream-slots.js";
 import { MAX_TEXT_LENGTH, RequestCheck } from "./validate.js";
 
 /** Rows read per query while replaying history into a watch stream. */
@@ -42,6 +43,7 @@ export class Messages {
     private readonly rateLimiter: RateLimiter,
     private readonly metrics: Metrics,
     private readonly limits: StreamLimits,
+    private readonly streamSlots: StreamSlots,
   ) {}
 
   async sendMessage(caller: Caller, req: SendMessageRequest) {
@@ -113,6 +115,7 @@ export class Messages {
     check.done();
     const { tenantId, userId } = caller;
     if (!(await this.members.isMember(tenantId, chatId, userId))) throw new NotFoundError("chat");
+    const releaseSlot = this.streamSlots.acquire(caller);
     const queue = new EventQueue<Notification>(this.limits.queueLimit);
     const stopListening = this.fanout.listen(this.subjects.chat(tenantId, chatId), (event) => queue.push(event));
     this.metrics.activeStreams.inc({ kind: "watch" });
@@ -153,6 +156,7 @@ export class Messages {
         }
       }
     } finally {
+      releaseSlot();
       stopListening();
       this.metrics.activeStreams.dec({ kind: "watch" });
     }

@@ -8,6 +8,7 @@ import { ResourceExhaustedError } from "../errors.js";
 import type { Metrics } from "../observability/metrics.js";
 import type { MemberStore } from "../store/member-store.js";
 import { abortReason, EventQueue } from "./event-queue.js";
+import type { StreamSlots } from "./stream-slots.js";
 
 export interface NotificationLimits {
   heartbeatSeconds: number;
@@ -27,10 +28,12 @@ export class Notifications {
     private readonly subjects: Subjects,
     private readonly metrics: Metrics,
     private readonly limits: NotificationLimits,
+    private readonly streamSlots: StreamSlots,
   ) {}
 
   async *subscribe(caller: Caller, req: SubscribeRequest, signal: AbortSignal): AsyncGenerator<Notification> {
     const { tenantId, userId } = caller;
+    const releaseSlot = this.streamSlots.acquire(caller);
     const queue = new EventQueue<Notification>(this.limits.queueLimit);
     const chats = new Map<string, () => void>();
     /** Chats whose membership changed while the initial list was loading: the event wins. */
@@ -87,6 +90,7 @@ export class Notifications {
         }
       }
     } finally {
+      releaseSlot();
       clearInterval(heartbeat);
       stopUser();
       for (const stop of chats.values()) stop();

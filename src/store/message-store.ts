@@ -26,40 +26,46 @@ export class MessageStore {
   constructor(private readonly sql: Sql) {}
 
   /**
-   * Stores a message with the chat's next sequence. The chat row lock orders concurrent senders, and a
-   * failed transaction rolls the counter back, so sequences stay 1..N without gaps.
+   * Stores a message with the chat's next sequence, in one statement (one round trip). The chat row
+   * lock (FOR UPDATE) orders concurrent senders: a waiting sender re-reads the row after the lock is
+   * released and gets the next number, and a statement that fails changes nothing, so sequences stay
+   * 1..N without gaps. A repeated client_message_id hits the unique index and inserts nothing.
    */
   async send(tenant: string, chatId: string, messageId: string, sender: string, text: string, clientMessageId: string): Promise<SendResult> {
-    return this.sql.begin(async (tx) => {
-      const [chat] = await tx`
+    const cmid = clientMessageId === "" ? null : clientMessageId;
+    const [row] = await this.sql`
+      WITH chat AS (
         SELECT c.last_sequence, c.last_message_time FROM chats c
         JOIN members m ON m.tenant_id = c.tenant_id AND m.chat_id = c.id AND m.user_id = ${sender}
         WHERE c.tenant_id = ${tenant} AND c.id = ${chatId}
-        FOR UPDATE OF c`;
-      if (!chat) throw new NotFoundError("chat");
-      if (clientMessageId !== "") {
-        const [earlier] = await tx`
-          SELECT * FROM messages WHERE tenant_id = ${tenant} AND chat_id = ${chatId}
-            AND sender_id = ${sender} AND client_message_id = ${clientMessageId}`;
-        if (earlier) return { message: toMessage(earlier), duplicate: true };
-      }
-      const sequence = (chat.last_sequence as bigint) + 1n;
-      // Never earlier than the previous message, so time order equals sequence order within a chat.
-      const [row] = await tx`
+        FOR UPDATE OF c
+      ), inserted AS (
+        -- Never earlier than the previous message, so time order equals sequence order within a chat.
         INSERT INTO messages (tenant_id, chat_id, sequence, id, sender_id, text, create_time, client_message_id)
-        VALUES (${tenant}, ${chatId}, ${sequence.toString()}, ${messageId}, ${sender}, ${text},
-                greatest(date_trunc('milliseconds', clock_timestamp()), ${chat.last_message_time}::timestamptz),
-                ${clientMessageId === "" ? null : clientMessageId})
-        RETURNING *`;
-      await tx`
-        UPDATE chats SET last_sequence = ${sequence.toString()}, last_message_time = ${row!.create_time},
-          activity_time = ${row!.create_time}
-        WHERE tenant_id = ${tenant} AND id = ${chatId}`;
-      await tx`
-        UPDATE members SET read_sequence = ${sequence.toString()}
-        WHERE tenant_id = ${tenant} AND chat_id = ${chatId} AND user_id = ${sender}`;
-      return { message: toMessage(row!), duplicate: false };
-    });
+        SELECT ${tenant}, ${chatId}, chat.last_sequence + 1, ${messageId}, ${sender}, ${text},
+               greatest(date_trunc('milliseconds', clock_timestamp()), chat.last_message_time), ${cmid}
+        FROM chat
+        ON CONFLICT (tenant_id, chat_id, sender_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING
+        RETURNING *
+      ), chat_update AS (
+        UPDATE chats c SET last_sequence = i.sequence, last_message_time = i.create_time, activity_time = i.create_time
+        FROM inserted i WHERE c.tenant_id = ${tenant} AND c.id = ${chatId}
+      ), read_update AS (
+        UPDATE members m SET read_sequence = i.sequence
+        FROM inserted i WHERE m.tenant_id = ${tenant} AND m.chat_id = ${chatId} AND m.user_id = ${sender}
+      )
+      SELECT * FROM inserted`;
+    if (row) return { message: toMessage(row), duplicate: false };
+    // Nothing inserted: either the sender is not a member, or this is a retry of an earlier send.
+    if (cmid !== null) {
+      const [earlier] = await this.sql`
+        SELECT msg.* FROM messages msg
+        JOIN members m ON m.tenant_id = msg.tenant_id AND m.chat_id = msg.chat_id AND m.user_id = ${sender}
+        WHERE msg.tenant_id = ${tenant} AND msg.chat_id = ${chatId}
+          AND msg.sender_id = ${sender} AND msg.client_message_id = ${cmid}`;
+      if (earlier) return { message: toMessage(earlier), duplicate: true };
+    }
+    throw new NotFoundError("chat");
   }
 
   async get(tenant: string, chatId: string, messageId: string): Promise<Message | undefined> {

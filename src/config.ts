@@ -37,8 +37,17 @@ export interface Config {
     /** Largest WebSocket message the hub accepts. */
     maxMessageBytes: number;
   };
-  /** Origins allowed for CORS on the hub's negotiate request and WebSocket ("*" = any). */
+  /** Origins allowed for CORS on the RPCs (Connect, gRPC-Web), the hub's negotiate request and WebSocket ("*" = any). */
   corsOrigins: string[];
+  demo: {
+    /** PARLEY_DEMO: serve the demo page at / (default on, off with NODE_ENV=production). */
+    enabled: boolean;
+    /**
+     * POST /demo/token (tokens for any tenant and user): only with the demo on AND development mode
+     * (no key configured, NODE_ENV not production). No variable can turn it on otherwise.
+     */
+    devTokens: boolean;
+  };
 }
 
 export class ConfigError extends Error {}
@@ -90,6 +99,11 @@ export function loadConfig(env: Env = process.env): Config {
     throw new ConfigError("PARLEY_LOG_LEVEL must be one of fatal, error, warn, info, debug, trace, silent");
   }
   const corsOrigins = origins(optional(env, "PARLEY_CORS_ORIGINS") ?? (production ? "" : "*"));
+  const demo = optional(env, "PARLEY_DEMO") ?? (production ? "off" : "on");
+  if (demo !== "on" && demo !== "off") {
+    throw new ConfigError("PARLEY_DEMO must be on or off");
+  }
+  const developmentMode = !production && secret === undefined && jwksFile === undefined;
   return {
     host: optional(env, "PARLEY_HOST") ?? "0.0.0.0",
     port: integer(env, "PARLEY_PORT", 8080, 0, 65535),
@@ -120,6 +134,7 @@ export function loadConfig(env: Env = process.env): Config {
       maxMessageBytes: integer(env, "PARLEY_HUB_MAX_MESSAGE_BYTES", 64 * 1024, 1024, 16 * 1024 * 1024),
     },
     corsOrigins,
+    demo: { enabled: demo === "on", devTokens: demo === "on" && developmentMode },
   };
 }
 

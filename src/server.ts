@@ -16,8 +16,10 @@ import { NatsBus } from "./bus/nats-bus.js";
 import { Subjects } from "./bus/subjects.js";
 import type { Config } from "./config.js";
 import { parleyServices, registerParley } from "./connect.js";
+import { createDemo } from "./demo/demo.js";
 import { registerHealth } from "./grpc/health.js";
 import { registerReflection } from "./grpc/reflection.js";
+import { CorsPolicy } from "./hub/cors.js";
 import { createHub } from "./hub/hub.js";
 import { createLogger, type Logger } from "./observability/logger.js";
 import { Metrics } from "./observability/metrics.js";
@@ -35,6 +37,7 @@ import { MemberStore } from "./store/member-store.js";
 import { MessageStore } from "./store/message-store.js";
 import { loadServerSecret } from "./store/server-secrets.js";
 import { rejectUndecodableBody, withBodyCheck } from "./transport/body-check.js";
+import { rpcCors } from "./transport/cors.js";
 import { assignRequestId, authenticate, mapErrors, observe } from "./transport/interceptors.js";
 import { createOnePortServer } from "./transport/one-port.js";
 
@@ -58,6 +61,8 @@ export interface ParleyServer {
 export async function startServer(config: Config, log: Logger = createLogger(config.logLevel)): Promise<ParleyServer> {
   const metrics = new Metrics();
   const verifier = await TokenVerifier.create(config, log);
+  // The demo page at / (PARLEY_DEMO), and its sign-in in development mode.
+  const demo = config.demo.enabled ? await createDemo(config, log) : undefined;
   const db = await openDatabase(config, log);
   let bus: Bus;
   try {
@@ -125,10 +130,14 @@ export async function startServer(config: Config, log: Logger = createLogger(con
     rpcs.set(handler.requestPath, withBodyCheck(handler, config.maxRequestBytes));
   }
 
+  // Browser apps on other origins (PARLEY_CORS_ORIGINS).
+  const corsForRpc = rpcCors(new CorsPolicy(config.corsOrigins));
+
   const handle = (req: http.IncomingMessage | http2.Http2ServerRequest, res: http.ServerResponse | http2.Http2ServerResponse) => {
     const path = (req.url ?? "/").split("?", 1)[0]!;
     const rpc = rpcs.get(path);
     if (rpc) {
+      if (corsForRpc(req, res)) return;
       assignRequestId(req, res);
       const uReq = universalRequestFromNodeRequest(req, res, undefined, undefined);
       rpc(uReq)
@@ -151,6 +160,7 @@ export async function startServer(config: Config, log: Logger = createLogger(con
       return send(res, 200, metrics.registry.contentType, await metrics.registry.metrics());
     }
     if (hub.handleHttp(req, res)) return;
+    if (demo && (await demo.handle(path, req, res))) return;
     send(res, 404, "text/plain", "not found\n");
   };
 

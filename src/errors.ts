@@ -42,6 +42,12 @@ const unavailableErrorCodes = new Set([
   "57P01", "57P02", "57P03", "53300", "08000", "08001", "08003", "08006", "57014",
 ]);
 
+/** Writes to a stream the client already reset or closed: nothing went wrong on our side. */
+const clientGoneCodes = new Set([
+  "ERR_HTTP2_INVALID_STREAM", "ERR_HTTP2_STREAM_CANCEL", "ERR_HTTP2_STREAM_ERROR",
+  "ERR_STREAM_DESTROYED", "ERR_STREAM_PREMATURE_CLOSE", "ERR_STREAM_WRITE_AFTER_END",
+]);
+
 export function isUnavailable(error: unknown): boolean {
   const code = (error as { code?: unknown } | null)?.code;
   return error instanceof UnavailableError || (typeof code === "string" && unavailableErrorCodes.has(code));
@@ -53,6 +59,9 @@ export function toConnectError(error: unknown, log: Logger): ConnectError {
     return error;
   }
   if (error instanceof Error && error.name === "AbortError") return new ConnectError("canceled", Code.Canceled);
+  if (clientGoneCodes.has((error as { code?: string } | null)?.code ?? "")) {
+    return new ConnectError("the client went away", Code.Canceled);
+  }
   if (error instanceof NotFoundError) return new ConnectError(error.message, Code.NotFound);
   if (error instanceof InvalidArgumentError) {
     const detail = create(BadRequestSchema, {

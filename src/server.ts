@@ -36,9 +36,9 @@ import { openDatabase } from "./store/database.js";
 import { MemberStore } from "./store/member-store.js";
 import { MessageStore } from "./store/message-store.js";
 import { loadServerSecret } from "./store/server-secrets.js";
-import { rejectUndecodableBody, withBodyCheck } from "./transport/body-check.js";
+import { rejectUndecodableBody, rejectUndecodableStreamMessages, withBodyCheck } from "./transport/body-check.js";
 import { rpcCors } from "./transport/cors.js";
-import { assignRequestId, authenticate, mapErrors, observe } from "./transport/interceptors.js";
+import { assignRequestId, authenticate, failFast, mapErrors, observe } from "./transport/interceptors.js";
 import { createOnePortServer } from "./transport/one-port.js";
 
 /** Events a stream may fall behind before it is resynchronised (watch) or closed (subscribe). */
@@ -78,17 +78,19 @@ export async function startServer(config: Config, log: Logger = createLogger(con
   const hubSecret = await loadServerSecret(db.sql, "hub_connection_key");
   const members = new MemberStore(db.sql);
   const streamSlots = new StreamSlots(config.maxStreamsPerUser);
+  const storageTimeoutMs = config.dbTimeoutSeconds * 1000 + 500;
   const services = {
     chats: new Chats(new ChatStore(db.sql), events, pageTokens, config.maxMembers),
     members: new Members(members, events, pageTokens, config.maxMembers),
     messages: new Messages(
       new MessageStore(db.sql), members, events, fanout, subjects, pageTokens,
       new RateLimiter(config.sendRatePerSecond, config.sendBurst), metrics,
-      { queueLimit: STREAM_QUEUE_LIMIT, watchResyncMs: WATCH_RESYNC_MS }, streamSlots,
+      { queueLimit: STREAM_QUEUE_LIMIT, watchResyncMs: WATCH_RESYNC_MS, storageTimeoutMs }, streamSlots,
     ),
     notifications: new Notifications(members, fanout, subjects, metrics, {
       heartbeatSeconds: config.heartbeatSeconds,
       queueLimit: STREAM_QUEUE_LIMIT,
+      storageTimeoutMs,
     }, streamSlots),
   };
 
@@ -108,13 +110,16 @@ export async function startServer(config: Config, log: Logger = createLogger(con
     readMaxBytes: config.maxRequestBytes,
     acceptCompression: [compressionGzip, compressionBrotli],
     shutdownSignal: shutdown.signal,
-    interceptors: [observe(metrics, log), mapErrors(log)],
+    interceptors: [observe(metrics, log), mapErrors(log), rejectUndecodableBody, rejectUndecodableStreamMessages],
   });
   const parleyRouter = createConnectRouter({
     readMaxBytes: config.maxRequestBytes,
     acceptCompression: [compressionGzip, compressionBrotli],
     shutdownSignal: shutdown.signal,
-    interceptors: [observe(metrics, log), mapErrors(log), authenticate(verifier), rejectUndecodableBody],
+    interceptors: [
+      observe(metrics, log), mapErrors(log), failFast(storageTimeoutMs),
+      authenticate(verifier), rejectUndecodableBody, rejectUndecodableStreamMessages,
+    ],
   });
   registerParley(parleyRouter, services);
   const openServices = [Health, ...(config.reflection ? [ReflectionV1, ReflectionV1alpha] : [])];

@@ -37,6 +37,12 @@ class LossyBus implements Bus {
   ping() {
     return this.inner.ping();
   }
+  get connected() {
+    return this.inner.connected;
+  }
+  onConnectionChange(listener: (connected: boolean) => void) {
+    return this.inner.onConnectionChange(listener);
+  }
   close() {
     return this.inner.close();
   }
@@ -65,7 +71,7 @@ function messagesService(bus: Bus, queueLimit: number) {
   return new Messages(
     new MessageStore(db.sql), new MemberStore(db.sql), new Events(bus, subjects, metrics, log),
     new Fanout(bus, metrics, log), subjects, new PageTokens(Buffer.alloc(32)),
-    new RateLimiter(1e9, 1e9), metrics, { queueLimit, watchResyncMs: 200 }, new StreamSlots(10),
+    new RateLimiter(1e9, 1e9), metrics, { queueLimit, watchResyncMs: 200, storageTimeoutMs: 5000 }, new StreamSlots(10),
   );
 }
 

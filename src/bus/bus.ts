@@ -5,5 +5,9 @@ export interface Bus {
   subscribe(subject: string, onMessage: (data: Uint8Array) => void): () => void;
   /** Throws when the bus cannot be reached. */
   ping(): Promise<void>;
+  /** False while the connection to the bus is lost: events published meanwhile may never arrive. */
+  readonly connected: boolean;
+  /** Calls listener on every loss and every recovery of the connection. */
+  onConnectionChange(listener: (connected: boolean) => void): () => void;
   close(): Promise<void>;
 }

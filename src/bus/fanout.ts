@@ -36,6 +36,16 @@ export class Fanout {
     };
   }
 
+  /** Whether events flow now; see Bus.connected. */
+  get connected(): boolean {
+    return this.bus.connected;
+  }
+
+  /** Calls listener when the bus connection is lost (false) or back (true). */
+  onConnectionChange(listener: (connected: boolean) => void): () => void {
+    return this.bus.onConnectionChange(listener);
+  }
+
   /** Bus subscriptions held now (for tests and metrics). */
   get subscriptionCount(): number {
     return this.subjects.size;

@@ -23,6 +23,13 @@ export class MemoryBus implements Bus {
 
   async ping(): Promise<void> {}
 
+  /** In-process delivery cannot be interrupted. */
+  readonly connected = true;
+
+  onConnectionChange(): () => void {
+    return () => {};
+  }
+
   async close(): Promise<void> {
     this.handlers.clear();
   }

@@ -5,7 +5,8 @@ import type { Bus } from "./bus.js";
 
 /** NATS core pub/sub. Reconnects forever; while disconnected, publishes are buffered by the client. */
 export class NatsBus implements Bus {
-  private connected = true;
+  connected = true;
+  private readonly listeners = new Set<(connected: boolean) => void>();
 
   private constructor(private readonly nc: NatsConnection, private readonly log: Logger) {
     void this.watchStatus();
@@ -32,7 +33,10 @@ export class NatsBus implements Bus {
       } else if (status.type === Events.Reconnect) {
         this.connected = true;
         this.log.info({ server: status.data }, "NATS reconnected");
+      } else {
+        continue;
       }
+      for (const listener of this.listeners) listener(this.connected);
     }
   }
 
@@ -48,6 +52,11 @@ export class NatsBus implements Bus {
       },
     });
     return () => subscription.unsubscribe();
+  }
+
+  onConnectionChange(listener: (connected: boolean) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
   }
 
   async ping(): Promise<void> {

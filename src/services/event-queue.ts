@@ -6,6 +6,7 @@ export class EventQueue<T> {
   private items: T[] = [];
   private waiter: (() => void) | undefined;
   private overflowed = false;
+  private failure: unknown;
 
   constructor(private readonly limit: number) {}
 
@@ -20,6 +21,19 @@ export class EventQueue<T> {
     this.wake();
   }
 
+  /** Events may have been lost elsewhere (bus outage): the consumer gets "overflow" and recovers. */
+  markLost(): void {
+    this.overflowed = true;
+    this.items = [];
+    this.wake();
+  }
+
+  /** Ends the stream: the consumer's next() throws the error. */
+  fail(error: unknown): void {
+    this.failure ??= error;
+    this.wake();
+  }
+
   /**
    * The next item, "overflow" once after events were dropped, "aborted" when the signal fires, or
    * "idle" when nothing arrived for idleMs.
@@ -30,6 +44,7 @@ export class EventQueue<T> {
     const deadline = performance.now() + idleMs;
     for (;;) {
       if (signal.aborted) return "aborted";
+      if (this.failure !== undefined) throw this.failure;
       if (this.overflowed) {
         this.overflowed = false;
         return "overflow";

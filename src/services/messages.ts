@@ -13,6 +13,7 @@ import type { Metrics } from "../observability/metrics.js";
 import type { MemberStore } from "../store/member-store.js";
 import type { MessageQuery, MessageStore } from "../store/message-store.js";
 import { abortReason, EventQueue } from "./event-queue.js";
+import { withinStorageDeadline } from "../store/storage-deadline.js";
 import type { Events } from "./events.js";
 import type { PageTokens } from "./page-token.js";
 import type { RateLimiter } from "./rate-limiter.js";
@@ -30,6 +31,8 @@ export interface StreamLimits {
    * is noticed even when no later event arrives.
    */
   watchResyncMs: number;
+  /** How long a stream waits for storage before its first message (see withinStorageDeadline). */
+  storageTimeoutMs: number;
 }
 
 export class Messages {
@@ -114,10 +117,13 @@ export class Messages {
     let last = check.sequence("after_sequence", req.afterSequence);
     check.done();
     const { tenantId, userId } = caller;
-    if (!(await this.members.isMember(tenantId, chatId, userId))) throw new NotFoundError("chat");
+    const member = await withinStorageDeadline(this.members.isMember(tenantId, chatId, userId), this.limits.storageTimeoutMs);
+    if (!member) throw new NotFoundError("chat");
     const releaseSlot = this.streamSlots.acquire(caller);
     const queue = new EventQueue<Notification>(this.limits.queueLimit);
     const stopListening = this.fanout.listen(this.subjects.chat(tenantId, chatId), (event) => queue.push(event));
+    // Events published while the bus was away are lost: re-read storage once it is back.
+    const stopWatchingBus = this.fanout.onConnectionChange((connected) => connected && queue.markLost());
     this.metrics.activeStreams.inc({ kind: "watch" });
     try {
       const catchUp = async function* (this: Messages, before?: bigint) {
@@ -157,6 +163,7 @@ export class Messages {
       }
     } finally {
       releaseSlot();
+      stopWatchingBus();
       stopListening();
       this.metrics.activeStreams.dec({ kind: "watch" });
     }

@@ -4,15 +4,17 @@ import { NotificationSchema, type Notification, type SubscribeRequest } from "..
 import type { Caller } from "../auth/caller.js";
 import type { Fanout } from "../bus/fanout.js";
 import type { Subjects } from "../bus/subjects.js";
-import { ResourceExhaustedError } from "../errors.js";
+import { ResourceExhaustedError, UnavailableError } from "../errors.js";
 import type { Metrics } from "../observability/metrics.js";
 import type { MemberStore } from "../store/member-store.js";
 import { abortReason, EventQueue } from "./event-queue.js";
+import { withinStorageDeadline } from "../store/storage-deadline.js";
 import type { StreamSlots } from "./stream-slots.js";
 
 export interface NotificationLimits {
   heartbeatSeconds: number;
   queueLimit: number;
+  storageTimeoutMs: number;
 }
 
 /**
@@ -33,6 +35,8 @@ export class Notifications {
 
   async *subscribe(caller: Caller, req: SubscribeRequest, signal: AbortSignal): AsyncGenerator<Notification> {
     const { tenantId, userId } = caller;
+    // Ready promises that nothing is missed: not while the bus is down.
+    if (!this.fanout.connected) throw new UnavailableError("event bus unavailable; retry shortly");
     const releaseSlot = this.streamSlots.acquire(caller);
     const queue = new EventQueue<Notification>(this.limits.queueLimit);
     const chats = new Map<string, () => void>();
@@ -59,13 +63,17 @@ export class Notifications {
       if (e.case === "memberRemoved") stopListeningToChat(event.chatId);
       queue.push(event);
     });
+    const stopWatchingBus = this.fanout.onConnectionChange((connected) => {
+      if (!connected) queue.fail(new UnavailableError("event bus connection lost; resubscribe and catch up"));
+    });
     this.metrics.activeStreams.inc({ kind: "subscribe" });
     const heartbeat = setInterval(
       () => queue.push(create(NotificationSchema, { time: timestampNow(), event: { case: "heartbeat", value: {} } })),
       this.limits.heartbeatSeconds * 1000,
     );
     try {
-      for (const chatId of await this.members.chatIdsOf(tenantId, userId)) {
+      const chatIds = await withinStorageDeadline(this.members.chatIdsOf(tenantId, userId), this.limits.storageTimeoutMs);
+      for (const chatId of chatIds) {
         if (!changedDuringSetup.has(chatId)) listenToChat(chatId);
       }
       settingUp = false;
@@ -91,6 +99,7 @@ export class Notifications {
       }
     } finally {
       releaseSlot();
+      stopWatchingBus();
       clearInterval(heartbeat);
       stopUser();
       for (const stop of chats.values()) stop();

@@ -3,6 +3,7 @@ import path from "node:path";
 import postgres from "postgres";
 import type { Config } from "../config.js";
 import type { Logger } from "../observability/logger.js";
+import { withinStorageDeadline } from "./storage-deadline.js";
 import { migrate } from "./migrate.js";
 
 export type Sql = postgres.Sql;
@@ -42,7 +43,8 @@ export async function openDatabase(config: Config, log: Logger): Promise<Databas
   return {
     sql,
     async ping() {
-      await sql`SELECT 1`;
+      // A frozen server keeps connections open but silent: do not wait longer than any query may take.
+      await withinStorageDeadline(sql`SELECT 1`.execute(), config.dbTimeoutSeconds * 1000);
     },
     async close() {
       await sql.end({ timeout: 5 });

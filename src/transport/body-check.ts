@@ -29,17 +29,23 @@ export function withBodyCheck(handler: UniversalHandler, readMaxBytes: number): 
     if (!complete) return handler(replay); // too large: Connect enforces readMaxBytes itself
     const payload = enveloped ? unenvelope(bytes, req.header, readMaxBytes) : bytes;
     if (payload === undefined) return handler(replay);
-    try {
-      fromBinary(handler.method.input, payload);
-      return handler(replay);
-    } catch (error) {
-      const contextValues = createContextValues();
-      contextValues.set(undecodableBody, `request body is not a valid ${handler.method.input.typeName}: ${(error as Error).message}`);
-      const empty = enveloped ? new Uint8Array(5) : new Uint8Array(0);
-      const header = new Headers(req.header);
-      header.set("content-length", String(empty.length));
-      return handler({ ...req, header, body: replayThenRest(empty, undefined), contextValues });
+    let problem = typeof payload === "string" ? payload : undefined;
+    if (typeof payload !== "string") {
+      try {
+        fromBinary(handler.method.input, payload);
+      } catch (error) {
+        problem = (error as Error).message;
+      }
     }
+    if (problem === undefined) return handler(replay);
+    const contextValues = createContextValues();
+    contextValues.set(undecodableBody, `request body is not a valid ${handler.method.input.typeName}: ${problem}`);
+    const empty = enveloped ? new Uint8Array(5) : new Uint8Array(0);
+    const header = new Headers(req.header);
+    header.set("content-length", String(empty.length));
+    header.delete("grpc-encoding");
+    header.delete("connect-content-encoding");
+    return handler({ ...req, header, body: replayThenRest(empty, undefined), contextValues });
   };
   return Object.assign(checked, handler);
 }
@@ -51,11 +57,15 @@ export const rejectUndecodableBody: Interceptor = (next) => async (req) => {
   return next(req);
 };
 
-/** The message of a single envelope, decompressed; undefined when Connect should judge it. */
-function unenvelope(bytes: Uint8Array, header: Headers, readMaxBytes: number): Uint8Array | undefined {
-  if (bytes.length < 5) return undefined;
+/**
+ * The message of the request's single envelope, decompressed; a string saying what is wrong with the
+ * envelope; or undefined when Connect should judge it (a decompressed size over the limit).
+ */
+function unenvelope(bytes: Uint8Array, header: Headers, readMaxBytes: number): Uint8Array | string | undefined {
+  if (bytes.length < 5) return "incomplete message envelope";
   const length = new DataView(bytes.buffer, bytes.byteOffset + 1, 4).getUint32(0);
-  if (bytes.length !== 5 + length) return undefined;
+  if (length > readMaxBytes) return undefined; // Connect answers RESOURCE_EXHAUSTED
+  if (bytes.length !== 5 + length) return "the envelope's length does not match the body (exactly one message expected)";
   const message = bytes.subarray(5);
   if ((bytes[0]! & COMPRESSED_FLAG) === 0) return message;
   const encoding = header.get("grpc-encoding") ?? header.get("connect-content-encoding");
@@ -63,10 +73,34 @@ function unenvelope(bytes: Uint8Array, header: Headers, readMaxBytes: number): U
   try {
     if (encoding === "gzip") return zlib.gunzipSync(message, options);
     if (encoding === "br") return zlib.brotliDecompressSync(message, options);
-  } catch {
-    // A broken compressed stream: Connect reports that itself.
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === "ERR_BUFFER_TOO_LARGE") return undefined;
+    return `cannot decompress the message (${encoding})`;
   }
-  return undefined;
+  return `compressed message without a supported encoding (gzip or br), got ${encoding ?? "none"}`;
+}
+
+/**
+ * Streaming requests are decoded lazily while the handler reads them: a message that does not
+ * decode becomes INVALID_ARGUMENT there too.
+ */
+export const rejectUndecodableStreamMessages: Interceptor = (next) => async (req) => {
+  if (!req.stream) return next(req);
+  return next({ ...req, message: invalidArgumentOnParseError(req.message) });
+};
+
+async function* invalidArgumentOnParseError<T>(messages: AsyncIterable<T>): AsyncIterable<T> {
+  try {
+    yield* messages;
+  } catch (error) {
+    const connectError = ConnectError.from(error);
+    // Connect reports undecodable stream messages as INTERNAL.
+    const undecodable = /^(parse binary|received compressed envelope)/.test(connectError.rawMessage);
+    if (connectError.code === Code.Internal && undecodable) {
+      throw new ConnectError(`request message does not decode: ${connectError.rawMessage}`, Code.InvalidArgument);
+    }
+    throw error;
+  }
 }
 
 function isByteStream(body: unknown): body is AsyncIterable<Uint8Array> {

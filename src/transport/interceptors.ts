@@ -5,6 +5,7 @@ import { ConnectError, type Interceptor } from "@connectrpc/connect";
 import { callerKey } from "../auth/caller.js";
 import type { TokenVerifier } from "../auth/token-verifier.js";
 import { toConnectError } from "../errors.js";
+import { withinStorageDeadline } from "../store/storage-deadline.js";
 import type { Logger } from "../observability/logger.js";
 import type { Metrics } from "../observability/metrics.js";
 
@@ -64,6 +65,15 @@ export function mapErrors(log: Logger): Interceptor {
       throw toConnectError(error, log);
     }
   };
+}
+
+/**
+ * A unary RPC that has not finished within timeoutMs fails with UNAVAILABLE. PostgreSQL enforces
+ * statement_timeout itself, but a database that stopped answering on an open connection cannot, so
+ * the caller gets a fast, retryable answer instead of hanging until its own deadline.
+ */
+export function failFast(timeoutMs: number): Interceptor {
+  return (next) => (req) => (req.stream || req.method.methodKind !== "unary" ? next(req) : withinStorageDeadline(next(req), timeoutMs));
 }
 
 /** Verifies the bearer token and puts the caller into the context. */

@@ -1,0 +1,760 @@
+/**
+ * One client-load process, driven by bench/run.ts over IPC ({id, cmd, args} → {id, ok, result}).
+ * It holds Subscribe streams (receivers), sends messages (open loop at a rate, or closed loop at a
+ * concurrency), runs history queries and the raw PostgreSQL / NATS / WebSocket ceilings. Every client
+ * speaks gRPC over HTTP/2 (Connect-es gRPC transport) with many streams multiplexed on a few
+ * connections; the bearer token goes in each call's headers, so one connection carries many users.
+ */
+import crypto from "node:crypto";
+import path from "node:path";
+import { pathToFileURL } from "node:url";
+import { Code, ConnectError, createClient, type Client } from "@connectrpc/connect";
+import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+import { SignJWT } from "jose";
+import { connect as natsConnect } from "nats";
+import postgres from "postgres";
+import { v7 as uuidv7 } from "uuid";
+import WebSocket from "ws";
+import { ChatService } from "../gen/parley/v1/chat_pb.js";
+import { MessageService, Order } from "../gen/parley/v1/message_pb.js";
+import { NotificationService, type Notification } from "../gen/parley/v1/notification_pb.js";
+import { Histogram, type HistogramData } from "./lib/hist.js";
+
+const workerName = process.argv[2] ?? "worker";
+const secret = new TextEncoder().encode(process.env.BENCH_JWT_SECRET ?? "");
+/** Wall-clock milliseconds with sub-millisecond resolution; comparable across processes on one machine. */
+const clock = () => performance.timeOrigin + performance.now();
+const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
+
+// ---------------------------------------------------------------------------------------------
+// Connections and tokens
+
+class Pool {
+  readonly managers: Http2SessionManager[] = [];
+  readonly chats: Client<typeof ChatService>[] = [];
+  readonly messages: Client<typeof MessageService>[] = [];
+  readonly notifications: Client<typeof NotificationService>[] = [];
+
+  constructor(baseUrl: string, connections: number) {
+    for (let i = 0; i < connections; i++) {
+      // One session manager = one HTTP/2 connection; streams beyond the server's limit would queue.
+      const manager = new Http2SessionManager(baseUrl, { idleConnectionTimeoutMs: 3_600_000 }, {
+        settings: { initialWindowSize: 1 << 20 },
+        peerMaxConcurrentStreams: 100_000,
+      });
+      const transport = createGrpcTransport({ baseUrl, sessionManager: manager, acceptCompression: [] });
+      this.managers.push(manager);
+      this.chats.push(createClient(ChatService, transport));
+      this.messages.push(createClient(MessageService, transport));
+      this.notifications.push(createClient(NotificationService, transport));
+    }
+  }
+
+  close(): void {
+    for (const manager of this.managers) manager.abort();
+  }
+}
+
+const tokens = new Map<string, string>();
+async function bearer(tenant: string, user: string): Promise<string> {
+  const key = `${tenant}\u0000${user}`;
+  let token = tokens.get(key);
+  if (!token) {
+    token = await new SignJWT({ tid: tenant })
+      .setProtectedHeader({ alg: "HS256" })
+      .setSubject(user)
+      .setIssuedAt()
+      .setExpirationTime("2h")
+      .sign(secret);
+    token = `Bearer ${token}`;
+    tokens.set(key, token);
+  }
+  return token;
+}
+
+function codeOf(error: unknown): string {
+  const code = ConnectError.from(error).code;
+  return Code[code] ?? String(code);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Receivers
+
+interface PhaseStats {
+  received: number;
+  dups: number;
+  hist: Histogram;
+  first: number;
+  last: number;
+  /** Deliveries per message number (the sender's counter in the text). */
+  perMessage: Uint16Array;
+  outOfOrder: number;
+}
+const phases = new Map<string, PhaseStats>();
+function phaseStats(phase: string): PhaseStats {
+  let stats = phases.get(phase);
+  if (!stats) {
+    stats = { received: 0, dups: 0, hist: new Histogram(), first: 0, last: 0, perMessage: new Uint16Array(1024), outOfOrder: 0 };
+    phases.set(phase, stats);
+  }
+  return stats;
+}
+
+const totals = {
+  messages: 0,
+  dups: 0,
+  /** Sequences still missing on a stream that never failed (computed when stats are read): silent loss. */
+  silentGaps: 0,
+  /** Sequences still missing on streams that were re-opened (the server closed them). */
+  gapsAfterReopen: 0,
+  /** Deliveries that arrived after a higher sequence of the same chat on the same stream (late, not lost). */
+  outOfOrder: 0,
+  /** Largest distance (highest sequence seen − late sequence) of an out-of-order delivery. */
+  maxReorderDistance: 0,
+  noBody: 0,
+  heartbeats: 0,
+  otherEvents: {} as Record<string, number>,
+  streamErrors: {} as Record<string, number>,
+  reopened: 0,
+};
+
+interface Stream {
+  tenant: string;
+  user: string;
+  abort: AbortController;
+  closed: boolean;
+  failures: number;
+  /** Per chat: highest sequence delivered, and the lower ones not delivered yet. */
+  seen: Map<string, { max: number; missing: Set<number> }>;
+  ready: Promise<boolean>;
+}
+let streams: Stream[] = [];
+let receiverPools: Pool[] = [];
+/** Messages received per chat, summed over this worker's streams. */
+const receivedByChat = new Map<string, number>();
+
+function onNotification(stream: Stream, n: Notification): void {
+  const event = n.event;
+  if (event.case === "messageCreated") {
+    const now = clock();
+    const value = event.value;
+    const sequence = Number(value.sequence);
+    let seen = stream.seen.get(value.chatId);
+    if (!seen) stream.seen.set(value.chatId, (seen = { max: 0, missing: new Set() }));
+    let duplicate = false;
+    let late = false;
+    if (sequence > seen.max) {
+      for (let s = seen.max + 1; s < sequence; s++) seen.missing.add(s);
+      seen.max = sequence;
+    } else if (seen.missing.delete(sequence)) {
+      late = true;
+      totals.outOfOrder++;
+      totals.maxReorderDistance = Math.max(totals.maxReorderDistance, seen.max - sequence);
+    } else {
+      duplicate = true;
+    }
+    totals.messages++;
+    if (duplicate) totals.dups++;
+    else receivedByChat.set(value.chatId, (receivedByChat.get(value.chatId) ?? 0) + 1);
+    const text = value.message?.text;
+    if (!text) {
+      totals.noBody++;
+      return;
+    }
+    const a = text.indexOf("|");
+    const b = text.indexOf("|", a + 1);
+    const c = text.indexOf("|", b + 1);
+    const stats = phaseStats(text.slice(0, a));
+    if (duplicate) {
+      stats.dups++;
+      return;
+    }
+    if (late) stats.outOfOrder++;
+    stats.received++;
+    stats.hist.record(now - Number(text.slice(a + 1, b)));
+    countMessage(stats, Number(text.slice(b + 1, c)));
+    if (stats.first === 0) stats.first = now;
+    stats.last = now;
+  } else if (event.case === "heartbeat") {
+    totals.heartbeats++;
+  } else if (event.case !== "ready") {
+    const kind = event.case ?? "unknown";
+    totals.otherEvents[kind] = (totals.otherEvents[kind] ?? 0) + 1;
+  }
+}
+
+function countMessage(stats: PhaseStats, i: number): void {
+  if (!Number.isInteger(i) || i < 0 || i > 50_000_000) return;
+  if (i >= stats.perMessage.length) {
+    const grown = new Uint16Array(Math.max(i + 1, stats.perMessage.length * 2));
+    grown.set(stats.perMessage);
+    stats.perMessage = grown;
+  }
+  stats.perMessage[i]! += 1;
+}
+
+function openStream(pool: Pool, index: number, tenant: string, user: string, includeMessages: boolean, reopen: boolean): Stream {
+  let markReady: (ok: boolean) => void = () => {};
+  const stream: Stream = {
+    tenant, user, abort: new AbortController(), closed: false, failures: 0, seen: new Map(),
+    ready: new Promise<boolean>((resolve) => (markReady = resolve)),
+  };
+  const client = pool.notifications[index % pool.notifications.length]!;
+  void (async () => {
+    const authorization = await bearer(tenant, user);
+    for (let attempt = 0; !stream.closed; attempt++) {
+      const abort = new AbortController();
+      stream.abort = abort;
+      let failure = "ended by server";
+      try {
+        for await (const n of client.subscribe({ includeMessages }, { headers: { authorization }, signal: abort.signal })) {
+          if (n.event.case === "ready") markReady(true);
+          else onNotification(stream, n);
+        }
+      } catch (error) {
+        failure = codeOf(error);
+      }
+      if (stream.closed) break;
+      stream.failures++;
+      totals.streamErrors[failure] = (totals.streamErrors[failure] ?? 0) + 1;
+      markReady(false);
+      if (!reopen) break;
+      totals.reopened++;
+      await sleep(Math.min(2000, 200 * (attempt + 1)));
+    }
+  })();
+  return stream;
+}
+
+interface SubscribeArgs {
+  baseUrl: string;
+  tenant: string;
+  users: string[];
+  connections: number;
+  includeMessages: boolean;
+  reopen: boolean;
+  batch: number;
+  readyTimeoutMs: number;
+}
+
+async function subscribe(args: SubscribeArgs) {
+  const started = performance.now();
+  const pool = new Pool(args.baseUrl, args.connections);
+  receiverPools.push(pool);
+  for (const user of args.users) await bearer(args.tenant, user);
+  let ready = 0;
+  let failed = 0;
+  const deadline = Date.now() + args.readyTimeoutMs;
+  for (let i = 0; i < args.users.length; i += args.batch) {
+    const batch = args.users.slice(i, i + args.batch).map((user, j) =>
+      openStream(pool, i + j, args.tenant, user, args.includeMessages, args.reopen),
+    );
+    streams.push(...batch);
+    const timeout = sleep(Math.max(0, deadline - Date.now())).then(() => false);
+    const results = await Promise.all(batch.map((s) => Promise.race([s.ready, timeout])));
+    for (const ok of results) ok ? ready++ : failed++;
+  }
+  return { ready, failed, ms: Math.round(performance.now() - started), streams: streams.length };
+}
+
+function closeStreams() {
+  for (const stream of streams) {
+    stream.closed = true;
+    stream.abort.abort();
+  }
+  const closed = streams.length;
+  streams = [];
+  for (const pool of receiverPools) pool.close();
+  receiverPools = [];
+  return { closed };
+}
+
+function resetReceivers() {
+  phases.clear();
+  receivedByChat.clear();
+  totals.messages = totals.dups = totals.silentGaps = totals.gapsAfterReopen = totals.noBody = totals.heartbeats = totals.reopened = 0;
+  totals.outOfOrder = totals.maxReorderDistance = 0;
+  totals.otherEvents = {};
+  totals.streamErrors = {};
+  return {};
+}
+
+function stats(args: { phases?: string[]; byChat?: boolean; perMessage?: boolean }) {
+  const out: Record<string, { received: number; dups: number; outOfOrder: number; hist: HistogramData; first: number; last: number; perMessage?: string }> = {};
+  totals.silentGaps = 0;
+  totals.gapsAfterReopen = 0;
+  for (const stream of streams) {
+    let missing = 0;
+    for (const seen of stream.seen.values()) missing += seen.missing.size;
+    if (stream.failures > 0) totals.gapsAfterReopen += missing;
+    else totals.silentGaps += missing;
+  }
+  for (const [name, s] of phases) {
+    if (args.phases && !args.phases.includes(name)) continue;
+    out[name] = {
+      received: s.received, dups: s.dups, outOfOrder: s.outOfOrder, hist: s.hist.toJSON(), first: s.first, last: s.last,
+      perMessage: args.perMessage ? Buffer.from(s.perMessage.buffer, s.perMessage.byteOffset, s.perMessage.byteLength).toString("base64") : undefined,
+    };
+  }
+  return {
+    phases: out,
+    totals,
+    openStreams: streams.filter((s) => !s.closed).length,
+    byChat: args.byChat ? Object.fromEntries(receivedByChat) : undefined,
+  };
+}
+
+/** Cheap progress probe: received counts only. */
+function counts(args: { phases: string[] }) {
+  const out: Record<string, number> = {};
+  for (const name of args.phases) out[name] = phases.get(name)?.received ?? 0;
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Senders
+
+let senderPool: { baseUrl: string; pool: Pool } | undefined;
+function senders(baseUrl: string, connections: number): Pool {
+  if (senderPool && senderPool.baseUrl === baseUrl && senderPool.pool.managers.length === connections) return senderPool.pool;
+  senderPool?.pool.close();
+  senderPool = { baseUrl, pool: new Pool(baseUrl, connections) };
+  return senderPool.pool;
+}
+
+/** Accepted messages kept for the SQL check, by key (one key per scenario). */
+const kept = new Map<string, { ids: string[]; chats: string[]; texts: string[] }>();
+
+interface SendArgs {
+  baseUrl: string;
+  tenant: string;
+  chats: { id: string; members: string[] }[];
+  phase: string;
+  mode: "rate" | "closed";
+  rate: number;
+  concurrency: number;
+  durationMs: number;
+  maxInFlight: number;
+  textBytes: number;
+  connections: number;
+  timeoutMs: number;
+  keepKey: string;
+}
+
+async function send(args: SendArgs) {
+  const pool = senders(args.baseUrl, args.connections);
+  for (const chat of args.chats) for (const member of chat.members) await bearer(args.tenant, member);
+  const keep = kept.get(args.keepKey) ?? { ids: [], chats: [], texts: [] };
+  kept.set(args.keepKey, keep);
+  const hist = new Histogram();
+  const errors: Record<string, number> = {};
+  const acceptedPerChat: Record<string, number> = {};
+  const perSecond: number[] = [];
+  /** Chat index + 1 of each accepted message number, 0 when not accepted. */
+  let accepted16 = new Uint16Array(4096);
+  let attempted = 0;
+  let accepted = 0;
+  let shed = 0;
+  let inFlight = 0;
+  let counter = 0;
+  const padding = "x".repeat(Math.max(0, args.textBytes - 40));
+  const started = clock();
+  const end = started + args.durationMs;
+  const inFlightDone = new Set<Promise<void>>();
+
+  const sendOne = async (): Promise<void> => {
+    const i = counter++;
+    const chat = args.chats[i % args.chats.length]!;
+    const sender = chat.members[Math.floor(i / args.chats.length) % chat.members.length]!;
+    const authorization = tokens.get(`${args.tenant}\u0000${sender}`)!;
+    const client = pool.messages[i % pool.messages.length]!;
+    attempted++;
+    inFlight++;
+    const t0 = clock();
+    const text = `${args.phase}|${t0.toFixed(3)}|${i}|${padding}`;
+    try {
+      const res = await client.sendMessage({ chatId: chat.id, text }, { headers: { authorization }, timeoutMs: args.timeoutMs });
+      const t1 = clock();
+      hist.record(t1 - t0);
+      accepted++;
+      acceptedPerChat[chat.id] = (acceptedPerChat[chat.id] ?? 0) + 1;
+      if (i >= accepted16.length) {
+        const grown = new Uint16Array(Math.max(i + 1, accepted16.length * 2));
+        grown.set(accepted16);
+        accepted16 = grown;
+      }
+      accepted16[i] = (i % args.chats.length) + 1;
+      const second = Math.floor((t1 - started) / 1000);
+      perSecond[second] = (perSecond[second] ?? 0) + 1;
+      keep.ids.push(res.message!.id);
+      keep.chats.push(chat.id);
+      keep.texts.push(text);
+    } catch (error) {
+      const code = codeOf(error);
+      errors[code] = (errors[code] ?? 0) + 1;
+    } finally {
+      inFlight--;
+    }
+  };
+
+  if (args.mode === "rate") {
+    let issued = 0;
+    while (clock() < end) {
+      const due = Math.floor(((clock() - started) / 1000) * args.rate);
+      while (issued < due) {
+        issued++;
+        if (inFlight >= args.maxInFlight) {
+          shed++;
+          continue;
+        }
+        const p = sendOne();
+        inFlightDone.add(p);
+        void p.finally(() => inFlightDone.delete(p));
+      }
+      await sleep(1);
+    }
+  } else {
+    await Promise.all(
+      Array.from({ length: args.concurrency }, async () => {
+        while (clock() < end) await sendOne();
+      }),
+    );
+  }
+  const sendEnd = clock();
+  await Promise.race([Promise.allSettled([...inFlightDone]), sleep(args.timeoutMs + 2000)]);
+  const elapsedMs = sendEnd - started;
+  return {
+    attempted, accepted, shed, errors, acceptedPerChat,
+    stillInFlight: inFlight,
+    elapsedMs: Math.round(elapsedMs),
+    acceptedPerSecond: accepted / (elapsedMs / 1000),
+    perSecond: Array.from(perSecond, (v) => v ?? 0),
+    acceptedChats: Buffer.from(accepted16.buffer, 0, Math.min(accepted16.length, counter) * 2).toString("base64"),
+    sendLatency: hist.toJSON(),
+    started, sendEnd,
+  };
+}
+
+async function createChats(args: { baseUrl: string; tenant: string; groups: string[][]; concurrency: number; name: string }) {
+  const pool = senders(args.baseUrl, Math.max(1, senderPool?.pool.managers.length ?? 2));
+  const ids: string[] = new Array(args.groups.length);
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: args.concurrency }, async () => {
+      for (;;) {
+        const i = next++;
+        if (i >= args.groups.length) return;
+        const [creator, ...others] = args.groups[i]!;
+        const authorization = await bearer(args.tenant, creator!);
+        const res = await pool.chats[i % pool.chats.length]!.createChat(
+          { name: `${args.name} ${i}`, memberIds: others },
+          { headers: { authorization }, timeoutMs: 30_000 },
+        );
+        ids[i] = res.chat!.id;
+      }
+    }),
+  );
+  return { ids };
+}
+
+/** Every accepted message must be in PostgreSQL with its chat and text; sequences must be 1..N. */
+async function verify(args: { databaseUrl: string; tenant: string; keepKey: string }) {
+  const keep = kept.get(args.keepKey) ?? { ids: [], chats: [], texts: [] };
+  const sql = postgres(args.databaseUrl, { max: 2, onnotice: () => {}, connect_timeout: 10 });
+  try {
+    let found = 0;
+    let mismatched = 0;
+    const missing: string[] = [];
+    for (let i = 0; i < keep.ids.length; i += 5000) {
+      const ids = keep.ids.slice(i, i + 5000);
+      const rows = await sql`
+        SELECT id::text AS id, chat_id::text AS chat_id, text FROM messages
+        WHERE tenant_id = ${args.tenant} AND id = ANY(${ids}::uuid[])`;
+      const byId = new Map(rows.map((r) => [r.id as string, r]));
+      for (let j = 0; j < ids.length; j++) {
+        const row = byId.get(ids[j]!);
+        if (!row) {
+          if (missing.length < 5) missing.push(ids[j]!);
+          continue;
+        }
+        found++;
+        if (row.chat_id !== keep.chats[i + j] || row.text !== keep.texts[i + j]) mismatched++;
+      }
+    }
+    const [{ rows: tenantRows }] = (await sql`SELECT count(*)::int AS rows FROM messages WHERE tenant_id = ${args.tenant}`) as unknown as [{ rows: number }];
+    const chats = await sql`
+      SELECT c.id::text AS id, c.last_sequence::int AS last, count(m.sequence)::int AS n,
+             coalesce(max(m.sequence), 0)::int AS max, count(DISTINCT m.sequence)::int AS distinct_n
+      FROM chats c LEFT JOIN messages m ON m.tenant_id = c.tenant_id AND m.chat_id = c.id
+      WHERE c.tenant_id = ${args.tenant} GROUP BY c.id, c.last_sequence`;
+    let sequenceProblems = 0;
+    const lastSequences: Record<string, number> = {};
+    for (const c of chats) {
+      lastSequences[c.id as string] = c.last as number;
+      if (c.n !== c.last || c.max !== c.last || c.distinct_n !== c.n) sequenceProblems++;
+    }
+    return { accepted: keep.ids.length, found, mismatched, missing, tenantRows, chats: chats.length, sequenceProblems, lastSequences };
+  } finally {
+    await sql.end({ timeout: 5 });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// History
+
+async function history(args: { baseUrl: string; databaseUrl: string; tenant: string; user: string; chatId: string; queries: number; warmup: number; pageSize: number; lastSequence: number }) {
+  const pool = new Pool(args.baseUrl, 1);
+  const sql = postgres(args.databaseUrl, { max: 1, onnotice: () => {}, connect_timeout: 10, types: { bigint: postgres.BigInt } });
+  try {
+    const authorization = await bearer(args.tenant, args.user);
+    const client = pool.messages[0]!;
+    const api = new Histogram();
+    let wrong = 0;
+    for (let i = 0; i < args.warmup + args.queries; i++) {
+      const t0 = performance.now();
+      const res = await client.listMessages({ chatId: args.chatId, pageSize: args.pageSize, order: Order.NEWEST_FIRST }, { headers: { authorization }, timeoutMs: 10_000 });
+      const ms = performance.now() - t0;
+      if (i >= args.warmup) api.record(ms);
+      if (res.messages.length !== args.pageSize || Number(res.messages[0]!.sequence) !== args.lastSequence) wrong++;
+    }
+    // The same two statements Parley runs (membership check, then the page), straight from postgres.js.
+    const raw = new Histogram();
+    for (let i = 0; i < args.warmup + args.queries; i++) {
+      const t0 = performance.now();
+      await sql`SELECT 1 FROM members WHERE tenant_id = ${args.tenant} AND chat_id = ${args.chatId} AND user_id = ${args.user}`;
+      await sql`SELECT * FROM messages WHERE tenant_id = ${args.tenant} AND chat_id = ${args.chatId} ORDER BY sequence DESC LIMIT ${args.pageSize + 1}`;
+      const ms = performance.now() - t0;
+      if (i >= args.warmup) raw.record(ms);
+    }
+    const plan = await sql.unsafe(
+      `EXPLAIN (ANALYZE, BUFFERS, FORMAT TEXT) SELECT * FROM messages WHERE tenant_id = $1 AND chat_id = $2 ORDER BY sequence DESC LIMIT $3`,
+      [args.tenant, args.chatId, args.pageSize + 1],
+    );
+    return { api: api.toJSON(), raw: raw.toJSON(), wrongPages: wrong, plan: plan.map((r) => r["QUERY PLAN"] as string) };
+  } finally {
+    pool.close();
+    await sql.end({ timeout: 5 });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw ceilings
+
+async function pgInsert(args: { databaseUrl: string; durationMs: number; concurrency: number; pool: number }) {
+  const sql = postgres(args.databaseUrl, { max: args.pool, onnotice: () => {}, connect_timeout: 10 });
+  try {
+    await sql`CREATE TABLE IF NOT EXISTS bench_raw_insert (
+      id bigserial PRIMARY KEY, chat_id uuid NOT NULL, seq bigint NOT NULL, text text NOT NULL,
+      create_time timestamptz NOT NULL DEFAULT clock_timestamp())`;
+    const chat = crypto.randomUUID();
+    const text = "x".repeat(100);
+    const hist = new Histogram();
+    let n = 0;
+    let errors = 0;
+    const started = performance.now();
+    const end = started + args.durationMs;
+    await Promise.all(
+      Array.from({ length: args.concurrency }, async () => {
+        while (performance.now() < end) {
+          const t0 = performance.now();
+          try {
+            await sql`INSERT INTO bench_raw_insert (chat_id, seq, text) VALUES (${chat}, ${n}, ${text})`;
+            hist.record(performance.now() - t0);
+            n++;
+          } catch {
+            errors++;
+          }
+        }
+      }),
+    );
+    const seconds = (performance.now() - started) / 1000;
+    return { inserts: n, errors, perSecond: n / seconds, latency: hist.toJSON() };
+  } finally {
+    await sql.end({ timeout: 5 });
+  }
+}
+
+/**
+ * Parley's own storage call for SendMessage (MessageStore.send from the code under test, so it never
+ * goes stale), with the server's pool size, straight from postgres.js: no HTTP/2, gRPC, auth or NATS.
+ */
+async function pgStoreSend(args: { databaseUrl: string; serverRoot: string; durationMs: number; concurrency: number; pool: number; chats: number }) {
+  const sql = postgres(args.databaseUrl, { max: args.pool, onnotice: () => {}, connect_timeout: 10, types: { bigint: postgres.BigInt } });
+  const tenant = `raw-${crypto.randomBytes(4).toString("hex")}`;
+  try {
+    const { MessageStore } = (await import(pathToFileURL(path.join(args.serverRoot, "src/store/message-store.ts")).href)) as {
+      MessageStore: new (sql: postgres.Sql) => { send(tenant: string, chatId: string, id: string, sender: string, text: string, clientMessageId: string): Promise<unknown> };
+    };
+    const store = new MessageStore(sql);
+    const chatIds = Array.from({ length: args.chats }, () => uuidv7());
+    await sql`INSERT INTO chats (tenant_id, id, name, creator_id, create_time, member_count, activity_time)
+              SELECT ${tenant}, id, 'raw', 'u', now(), 1, now() FROM unnest(${chatIds}::uuid[]) AS id`;
+    await sql`INSERT INTO members (tenant_id, chat_id, user_id, join_time, added_by)
+              SELECT ${tenant}, id, 'u', now(), 'u' FROM unnest(${chatIds}::uuid[]) AS id`;
+    const hist = new Histogram();
+    let n = 0;
+    let errors = 0;
+    let firstError: string | undefined;
+    let counter = 0;
+    const text = "x".repeat(100);
+    const started = performance.now();
+    const end = started + args.durationMs;
+    await Promise.all(
+      Array.from({ length: args.concurrency }, async () => {
+        while (performance.now() < end) {
+          const chatId = chatIds[counter++ % chatIds.length]!;
+          const t0 = performance.now();
+          try {
+            await store.send(tenant, chatId, uuidv7(), "u", text, "");
+            hist.record(performance.now() - t0);
+            n++;
+          } catch (error) {
+            errors++;
+            firstError ??= String(error);
+          }
+        }
+      }),
+    );
+    const seconds = (performance.now() - started) / 1000;
+    return { sends: n, errors, firstError, perSecond: n / seconds, latency: hist.toJSON() };
+  } finally {
+    await sql`DELETE FROM chats WHERE tenant_id = ${tenant}`.catch(() => {});
+    await sql.end({ timeout: 5 });
+  }
+}
+
+async function natsBench(args: { natsUrl: string; durationMs: number; payloadBytes: number; latencyRate: number; latencyMs: number }) {
+  const pub = await natsConnect({ servers: args.natsUrl, name: "bench-pub", timeout: 5000 });
+  const sub = await natsConnect({ servers: args.natsUrl, name: "bench-sub", timeout: 5000 });
+  try {
+    const subject = `bench.raw.${crypto.randomBytes(4).toString("hex")}`;
+    // Throughput: publish in batches of 1,000 with a flush (one round trip) per batch.
+    let received = 0;
+    let lastReceive = 0;
+    const s1 = sub.subscribe(`${subject}.tp`, { callback: () => { received++; lastReceive = performance.now(); } });
+    await sub.flush();
+    const payload = new Uint8Array(args.payloadBytes);
+    let published = 0;
+    const started = performance.now();
+    const end = started + args.durationMs;
+    while (performance.now() < end) {
+      for (let i = 0; i < 1000; i++) pub.publish(`${subject}.tp`, payload);
+      published += 1000;
+      await pub.flush();
+    }
+    const publishEnd = performance.now();
+    const waitUntil = performance.now() + 5000;
+    while (received < published && performance.now() < waitUntil) await sleep(20);
+    s1.unsubscribe();
+    const throughput = received / ((Math.max(lastReceive, publishEnd) - started) / 1000);
+
+    // Latency at a fixed rate: the publish time travels in the payload.
+    const hist = new Histogram();
+    let latencyReceived = 0;
+    const s2 = sub.subscribe(`${subject}.lat`, {
+      callback: (_e, m) => {
+        const view = new DataView(m.data.buffer, m.data.byteOffset, m.data.byteLength);
+        hist.record(clock() - view.getFloat64(0));
+        latencyReceived++;
+      },
+    });
+    await sub.flush();
+    const buffer = new Uint8Array(args.payloadBytes);
+    const view = new DataView(buffer.buffer);
+    let sent = 0;
+    const t0 = performance.now();
+    while (performance.now() - t0 < args.latencyMs) {
+      const due = Math.floor(((performance.now() - t0) / 1000) * args.latencyRate);
+      while (sent < due) {
+        view.setFloat64(0, clock());
+        pub.publish(`${subject}.lat`, buffer);
+        sent++;
+      }
+      await sleep(1);
+    }
+    await pub.flush();
+    const latencyWait = performance.now() + 3000;
+    while (latencyReceived < sent && performance.now() < latencyWait) await sleep(20);
+    s2.unsubscribe();
+    return { published, received, perSecond: throughput, latencyRate: args.latencyRate, latencySent: sent, latencyReceived, latency: hist.toJSON() };
+  } finally {
+    await pub.close();
+    await sub.close();
+  }
+}
+
+let sockets: WebSocket[] = [];
+async function wsConnect(args: { url: string; n: number; timeoutMs: number }) {
+  let open = 0;
+  await Promise.all(
+    Array.from({ length: args.n }, () =>
+      new Promise<void>((resolve) => {
+        const ws = new WebSocket(args.url, { perMessageDeflate: false });
+        sockets.push(ws);
+        const timer = setTimeout(resolve, args.timeoutMs);
+        ws.on("open", () => {
+          open++;
+          clearTimeout(timer);
+          resolve();
+        });
+        ws.on("error", () => resolve());
+        ws.on("message", (data: Buffer) => {
+          const now = clock();
+          const text = data.toString("latin1", 0, 64);
+          const a = text.indexOf("|");
+          const b = text.indexOf("|", a + 1);
+          const stats = phaseStats(text.slice(0, a));
+          stats.received++;
+          stats.hist.record(now - Number(text.slice(a + 1, b)));
+          if (stats.first === 0) stats.first = now;
+          stats.last = now;
+        });
+      }),
+    ),
+  );
+  return { open };
+}
+
+function wsClose() {
+  for (const ws of sockets) ws.terminate();
+  const closed = sockets.length;
+  sockets = [];
+  return { closed };
+}
+
+// ---------------------------------------------------------------------------------------------
+
+const commands: Record<string, (args: any) => unknown> = {
+  subscribe, closeStreams, resetReceivers, stats, counts, send, createChats, verify, history,
+  pgInsert, pgStoreSend, natsBench, wsConnect, wsClose,
+  delivered: () => {
+    let n = 0;
+    for (const v of receivedByChat.values()) n += v;
+    return n;
+  },
+  forget: (args: { keepKey: string }) => ({ forgotten: kept.delete(args.keepKey) }),
+  closeSenders: () => {
+    senderPool?.pool.close();
+    senderPool = undefined;
+    return {};
+  },
+  memory: () => process.memoryUsage(),
+};
+
+process.on("message", (message: { id: number; cmd: string; args: unknown }) => {
+  const command = commands[message.cmd];
+  void (async () => {
+    try {
+      if (!command) throw new Error(`unknown command ${message.cmd}`);
+      const result = await command(message.args);
+      process.send?.({ id: message.id, ok: true, result });
+    } catch (error) {
+      process.send?.({ id: message.id, ok: false, error: (error as Error)?.stack ?? String(error) });
+    }
+  })();
+});
+// Never outlive the parent.
+process.on("disconnect", () => process.exit(0));
+process.on("unhandledRejection", (error) => {
+  console.error(`${workerName}: unhandled rejection`, error);
+});

@@ -1,4 +1,3 @@
-import { setMaxListeners } from "node:events";
 import http from "node:http";
 import http2 from "node:http2";
 import type net from "node:net";
@@ -104,18 +103,14 @@ export async function startServer(config: Config, log: Logger = createLogger(con
   };
 
   const shutdown = new AbortController();
-  // Every in-flight RPC links to this signal for its lifetime.
-  setMaxListeners(0, shutdown.signal);
   const router = createConnectRouter({
     readMaxBytes: config.maxRequestBytes,
     acceptCompression: [compressionGzip, compressionBrotli],
-    shutdownSignal: shutdown.signal,
     interceptors: [observe(metrics, log), mapErrors(log), rejectUndecodableBody, rejectUndecodableStreamMessages],
   });
   const parleyRouter = createConnectRouter({
     readMaxBytes: config.maxRequestBytes,
     acceptCompression: [compressionGzip, compressionBrotli],
-    shutdownSignal: shutdown.signal,
     interceptors: [
       observe(metrics, log), mapErrors(log), failFast(storageTimeoutMs),
       authenticate(verifier), rejectUndecodableBody, rejectUndecodableStreamMessages,
@@ -219,7 +214,9 @@ export async function startServer(config: Config, log: Logger = createLogger(con
       closing ??= (async () => {
         log.info("shutting down");
         const stopped = new Promise<void>((resolve) => server.close(() => resolve()));
-        shutdown.abort(new ConnectError("server shutting down, reconnect", Code.Unavailable));
+        const unavailable = new ConnectError("server shutting down, reconnect", Code.Unavailable);
+        shutdown.abort(unavailable);
+        streamSlots.closeAll(unavailable);
         const hubClosed = hub.close();
         for (const [socket, count] of inFlight) if (count === 0) socket.destroySoon();
         const deadline = setTimeout(() => {

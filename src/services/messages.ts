@@ -119,8 +119,8 @@ export class Messages {
     const { tenantId, userId } = caller;
     const member = await withinStorageDeadline(this.members.isMember(tenantId, chatId, userId), this.limits.storageTimeoutMs);
     if (!member) throw new NotFoundError("chat");
-    const releaseSlot = this.streamSlots.acquire(caller);
     const queue = new EventQueue<Notification>(this.limits.queueLimit);
+    const releaseSlot = this.streamSlots.acquire(caller, (error) => queue.fail(error));
     const stopListening = this.fanout.listen(this.subjects.chat(tenantId, chatId), (event) => queue.push(event));
     // Events published while the bus was away are lost: re-read storage once it is back.
     const stopWatchingBus = this.fanout.onConnectionChange((connected) => connected && queue.markLost());

@@ -37,8 +37,8 @@ export class Notifications {
     const { tenantId, userId } = caller;
     // Ready promises that nothing is missed: not while the bus is down.
     if (!this.fanout.connected) throw new UnavailableError("event bus unavailable; retry shortly");
-    const releaseSlot = this.streamSlots.acquire(caller);
     const queue = new EventQueue<Notification>(this.limits.queueLimit);
+    const releaseSlot = this.streamSlots.acquire(caller, (error) => queue.fail(error));
     const chats = new Map<string, () => void>();
     /** Chats whose membership changed while the initial list was loading: the event wins. */
     const changedDuringSetup = new Set<string>();

@@ -1,27 +1,46 @@
 import { ResourceExhaustedError } from "../errors.js";
 import type { Caller } from "../auth/caller.js";
 
-/** Caps the concurrent streams (Subscribe, WatchMessages, hub connections) of one user on this instance. */
+/**
+ * The open streams of this instance (Subscribe, WatchMessages, hub connections): caps them per user,
+ * and ends them all on shutdown. Tracking them here keeps per-request work O(1); a shared abort
+ * signal with one listener per open stream would make every request pay for every stream.
+ */
 export class StreamSlots {
   private readonly open = new Map<string, number>();
+  private readonly closers = new Set<(error: unknown) => void>();
+  private shutdownError: unknown;
 
   constructor(private readonly maxPerUser: number) {}
 
-  /** Takes a slot or throws RESOURCE_EXHAUSTED; call the returned function exactly once to free it. */
-  acquire(caller: Caller): () => void {
+  /**
+   * Takes a slot or throws RESOURCE_EXHAUSTED; close is how closeAll ends the stream. Call the
+   * returned function to free the slot (more calls do nothing).
+   */
+  acquire(caller: Caller, close: (error: unknown) => void): () => void {
+    if (this.shutdownError !== undefined) throw this.shutdownError;
     const key = `${caller.tenantId}\u0000${caller.userId}`;
     const count = this.open.get(key) ?? 0;
     if (count >= this.maxPerUser) {
       throw new ResourceExhaustedError(`at most ${this.maxPerUser} concurrent streams per user; close one first`);
     }
     this.open.set(key, count + 1);
+    const closer = (error: unknown) => close(error);
+    this.closers.add(closer);
     let released = false;
     return () => {
       if (released) return;
       released = true;
+      this.closers.delete(closer);
       const left = (this.open.get(key) ?? 1) - 1;
       if (left === 0) this.open.delete(key);
       else this.open.set(key, left);
     };
+  }
+
+  /** Ends every open stream with the error (server shutdown). */
+  closeAll(error: unknown): void {
+    this.shutdownError = error;
+    for (const close of [...this.closers]) close(error);
   }
 }

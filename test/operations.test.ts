@@ -335,6 +335,23 @@ test("operations - a valid binary request still works next to the garbage", asyn
 // ---------------------------------------------------------------------------------------------
 // Unknown paths, request ids
 
+test("operations - PARLEY_REFLECTION=off hides server reflection; on (default) it answers without a token", async () => {
+  // ServerReflectionRequest{list_services: ""}: field 7, length 0.
+  const listServices = envelope(Buffer.from([0x3a, 0x00]));
+  const path = "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo";
+  const on = await http2Request(server.url, grpcHeaders(path, false), listServices);
+  assert.is(on.headers[":status"], 200);
+  assert.ok(on.body.includes("parley.v1.MessageService"), "default server lists the Parley services");
+  const own = await startTestServer({ PARLEY_REFLECTION: "off" });
+  try {
+    const off = await http2Request(own.url, grpcHeaders(path, false), listServices);
+    assert.is(off.headers[":status"], 404);
+    assert.not.ok(off.body.includes("parley.v1"), "nothing of the schema is revealed");
+  } finally {
+    await own.destroy();
+  }
+});
+
 test("operations - an unknown path is 404", async () => {
   const problems: string[] = [];
   const cases: [string, string, string | undefined][] = [

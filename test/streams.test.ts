@@ -225,22 +225,22 @@ test("streams - a user's concurrent streams are capped with RESOURCE_EXHAUSTED; 
     const alice = parleyClient(own.url, await tokenFor(tenant, "alice"), "connect-http2");
     const bob = parleyClient(own.url, await tokenFor(tenant, "bob"), "connect-http2");
     const { chat } = await alice.chats.createChat({ name: "cap", memberIds: ["bob"] });
-    const first = subscribeOn(alice);
+    const first = subscribe(alice);
     const second = new StreamReader(alice.messages.watchMessages({ chatId: chat!.id }), new AbortController());
     await first.next();
     await alice.messages.sendMessage({ chatId: chat!.id, text: "x" });
     await second.next();
-    const third = subscribeOn(alice);
+    const third = subscribe(alice);
     assert.is(ConnectError.from(await third.ended_()).code, Code.ResourceExhausted);
-    const other = subscribeOn(bob);
+    const other = subscribe(bob);
     assert.is((await other.next()).event.case, "ready", "the cap is per user");
     first.close();
     await first.ended_();
     // The server frees the slot when it sees the cancellation, a moment after the client gave up.
-    let retry = subscribeOn(alice);
+    let retry = subscribe(alice);
     for (let attempt = 0; attempt < 20 && (await retry.next().then(() => false, () => true)); attempt++) {
       await new Promise((resolve) => setTimeout(resolve, 100));
-      retry = subscribeOn(alice);
+      retry = subscribe(alice);
     }
     assert.is(retry.error, undefined, "a freed slot can be used again");
     for (const s of [second, other, retry]) s.close();
@@ -248,11 +248,6 @@ test("streams - a user's concurrent streams are capped with RESOURCE_EXHAUSTED; 
     await own.destroy();
   }
 });
-
-function subscribeOn(client: ParleyClient): StreamReader<Notification> {
-  const abort = new AbortController();
-  return new StreamReader(client.notifications.subscribe({}, { signal: abort.signal }), abort);
-}
 
 async function until(condition: () => boolean, timeoutMs = 5000): Promise<void> {
   const deadline = Date.now() + timeoutMs;

@@ -8,8 +8,8 @@ import type { Caller } from "./caller.js";
 import { loadDevSecret } from "./dev-secret.js";
 
 const TENANT_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$/;
-// Control characters (C0, DEL, C1) are not allowed in user ids.
-const CONTROL_CHARACTER = /[\u0000-\u001f\u007f-\u009f]/;
+/** Control characters (C0, DEL, C1): not allowed in user ids and client message ids. */
+export const CONTROL_CHARACTER = /[\u0000-\u001f\u007f-\u009f]/;
 /** Far above any real token; refuses to spend CPU on huge inputs. */
 const MAX_TOKEN_LENGTH = 8192;
 /** Verified tokens are remembered (until they expire, at most this long): clients send the same token on every call. */

@@ -1,4 +1,5 @@
 import { connect, Events, type NatsConnection } from "nats";
+import { withDeadline } from "../deadline.js";
 import { UnavailableError } from "../errors.js";
 import type { Logger } from "../observability/logger.js";
 import type { Bus } from "./bus.js";
@@ -61,10 +62,7 @@ export class NatsBus implements Bus {
 
   async ping(): Promise<void> {
     if (!this.connected || this.nc.isClosed()) throw new UnavailableError("NATS is not connected");
-    await Promise.race([
-      this.nc.flush(),
-      new Promise((_, reject) => setTimeout(() => reject(new UnavailableError("NATS ping timed out")), 2000).unref()),
-    ]);
+    await withDeadline(this.nc.flush(), 2000, "NATS ping");
   }
 
   async close(): Promise<void> {

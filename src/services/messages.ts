@@ -13,7 +13,7 @@ import type { Metrics } from "../observability/metrics.js";
 import type { MemberStore } from "../store/member-store.js";
 import type { MessageQuery, MessageStore } from "../store/message-store.js";
 import { abortReason, EventQueue } from "./event-queue.js";
-import { withinStorageDeadline } from "../store/storage-deadline.js";
+import { withDeadline } from "../deadline.js";
 import type { Events } from "./events.js";
 import type { PageTokens } from "./page-token.js";
 import type { RateLimiter } from "./rate-limiter.js";
@@ -31,7 +31,7 @@ export interface StreamLimits {
    * is noticed even when no later event arrives.
    */
   watchResyncMs: number;
-  /** How long a stream waits for storage before its first message (see withinStorageDeadline). */
+  /** How long a stream waits for storage before its first message (see withDeadline). */
   storageTimeoutMs: number;
 }
 
@@ -117,7 +117,7 @@ export class Messages {
     let last = check.sequence("after_sequence", req.afterSequence);
     check.done();
     const { tenantId, userId } = caller;
-    const member = await withinStorageDeadline(this.members.isMember(tenantId, chatId, userId), this.limits.storageTimeoutMs);
+    const member = await withDeadline(this.members.isMember(tenantId, chatId, userId), this.limits.storageTimeoutMs, "storage");
     if (!member) throw new NotFoundError("chat");
     const queue = new EventQueue<Notification>(this.limits.queueLimit);
     const releaseSlot = this.streamSlots.acquire(caller, (error) => queue.fail(error));

@@ -8,7 +8,7 @@ import { ResourceExhaustedError, UnavailableError } from "../errors.js";
 import type { Metrics } from "../observability/metrics.js";
 import type { MemberStore } from "../store/member-store.js";
 import { abortReason, EventQueue } from "./event-queue.js";
-import { withinStorageDeadline } from "../store/storage-deadline.js";
+import { withDeadline } from "../deadline.js";
 import type { StreamSlots } from "./stream-slots.js";
 
 export interface NotificationLimits {
@@ -72,7 +72,7 @@ export class Notifications {
       this.limits.heartbeatSeconds * 1000,
     );
     try {
-      const chatIds = await withinStorageDeadline(this.members.chatIdsOf(tenantId, userId), this.limits.storageTimeoutMs);
+      const chatIds = await withDeadline(this.members.chatIdsOf(tenantId, userId), this.limits.storageTimeoutMs, "storage");
       for (const chatId of chatIds) {
         if (!changedDuringSetup.has(chatId)) listenToChat(chatId);
       }

@@ -1,5 +1,5 @@
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import { isValidUserId } from "../auth/token-verifier.js";
+import { CONTROL_CHARACTER, isValidUserId } from "../auth/token-verifier.js";
 import { InvalidArgumentError, type FieldViolation } from "../errors.js";
 
 export const DEFAULT_PAGE_SIZE = 50;
@@ -10,7 +10,6 @@ export const MAX_NAME_LENGTH = 200;
 export const MAX_CLIENT_MESSAGE_ID_LENGTH = 64;
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
-const CONTROL_CHARACTER = /[\u0000-\u001f\u007f-\u009f]/;
 
 /** Collects every bad field of a request, then throws them together as one INVALID_ARGUMENT. */
 export class RequestCheck {

@@ -3,7 +3,7 @@ import path from "node:path";
 import postgres from "postgres";
 import type { Config } from "../config.js";
 import type { Logger } from "../observability/logger.js";
-import { withinStorageDeadline } from "./storage-deadline.js";
+import { withDeadline } from "../deadline.js";
 import { migrate } from "./migrate.js";
 
 export type Sql = postgres.Sql;
@@ -44,7 +44,7 @@ export async function openDatabase(config: Config, log: Logger): Promise<Databas
     sql,
     async ping() {
       // A frozen server keeps connections open but silent: do not wait longer than any query may take.
-      await withinStorageDeadline(sql`SELECT 1`.execute(), config.dbTimeoutSeconds * 1000);
+      await withDeadline(sql`SELECT 1`.execute(), config.dbTimeoutSeconds * 1000, "database ping");
     },
     async close() {
       await sql.end({ timeout: 5 });

@@ -5,7 +5,7 @@ import { ConnectError, type Interceptor } from "@connectrpc/connect";
 import { callerKey } from "../auth/caller.js";
 import type { TokenVerifier } from "../auth/token-verifier.js";
 import { toConnectError } from "../errors.js";
-import { withinStorageDeadline } from "../store/storage-deadline.js";
+import { withDeadline } from "../deadline.js";
 import type { Logger } from "../observability/logger.js";
 import type { Metrics } from "../observability/metrics.js";
 
@@ -73,7 +73,7 @@ export function mapErrors(log: Logger): Interceptor {
  * the caller gets a fast, retryable answer instead of hanging until its own deadline.
  */
 export function failFast(timeoutMs: number): Interceptor {
-  return (next) => (req) => (req.stream || req.method.methodKind !== "unary" ? next(req) : withinStorageDeadline(next(req), timeoutMs));
+  return (next) => (req) => (req.stream || req.method.methodKind !== "unary" ? next(req) : withDeadline(next(req), timeoutMs, "storage"));
 }
 
 /** Verifies the bearer token and puts the caller into the context. */

@@ -8,6 +8,7 @@ import type { Chats } from "./services/chats.js";
 import type { Members } from "./services/members.js";
 import type { Messages } from "./services/messages.js";
 import type { Notifications } from "./services/notifications.js";
+import { cutOffKey } from "./transport/cut-off.js";
 
 export interface ParleyServices {
   chats: Chats;
@@ -45,6 +46,6 @@ export function registerParley(router: ConnectRouter, s: ParleyServices): void {
     watchMessages: (req, ctx) => s.messages.watchMessages(caller(ctx), req, ctx.signal),
   });
   router.service(NotificationService, {
-    subscribe: (req, ctx) => s.notifications.subscribe(caller(ctx), req, ctx.signal),
+    subscribe: (req, ctx) => s.notifications.subscribe(caller(ctx), req, ctx.signal, ctx.values.get(cutOffKey)),
   });
 }

@@ -1,7 +1,7 @@
 import http from "node:http";
 import http2 from "node:http2";
 import type net from "node:net";
-import { Code, ConnectError, createConnectRouter } from "@connectrpc/connect";
+import { Code, ConnectError, createConnectRouter, createContextValues } from "@connectrpc/connect";
 import { compressionBrotli, compressionGzip, universalRequestFromNodeRequest, universalResponseToNodeResponse } from "@connectrpc/connect-node";
 import type { UniversalHandler } from "@connectrpc/connect/protocol";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
@@ -38,10 +38,9 @@ import { loadServerSecret } from "./store/server-secrets.js";
 import { rejectUndecodableBody, rejectUndecodableStreamMessages, withBodyCheck } from "./transport/body-check.js";
 import { rpcCors } from "./transport/cors.js";
 import { assignRequestId, authenticate, failFast, mapErrors, observe } from "./transport/interceptors.js";
+import { cutOffKey, cutOffResponse } from "./transport/cut-off.js";
 import { createOnePortServer } from "./transport/one-port.js";
 
-/** Events a stream may fall behind before it is resynchronised (watch) or closed (subscribe). */
-const STREAM_QUEUE_LIMIT = 1000;
 /** How often a quiet WatchMessages stream re-checks storage and membership. */
 const WATCH_RESYNC_MS = 15_000;
 const MAX_HEADER_BYTES = 256 * 1024;
@@ -84,11 +83,11 @@ export async function startServer(config: Config, log: Logger = createLogger(con
     messages: new Messages(
       new MessageStore(db.sql), members, events, fanout, subjects, pageTokens,
       new RateLimiter(config.sendRatePerSecond, config.sendBurst), metrics,
-      { queueLimit: STREAM_QUEUE_LIMIT, watchResyncMs: WATCH_RESYNC_MS, storageTimeoutMs }, streamSlots,
+      { queueLimit: config.streamQueueLimit, watchResyncMs: WATCH_RESYNC_MS, storageTimeoutMs }, streamSlots,
     ),
     notifications: new Notifications(members, fanout, subjects, metrics, {
       heartbeatSeconds: config.heartbeatSeconds,
-      queueLimit: STREAM_QUEUE_LIMIT,
+      queueLimit: config.streamQueueLimit,
       storageTimeoutMs,
     }, streamSlots),
   };
@@ -126,9 +125,13 @@ export async function startServer(config: Config, log: Logger = createLogger(con
   if (config.reflection) registerReflection(router, [...parleyServices, ...openServices]);
 
   const rpcs = new Map<string, UniversalHandler>();
+  const streamingPaths = new Set<string>();
   for (const handler of [...parleyRouter.handlers, ...router.handlers]) {
     rpcs.set(handler.requestPath, withBodyCheck(handler, config.maxRequestBytes));
+    if (handler.method.methodKind === "server_streaming") streamingPaths.add(handler.requestPath);
   }
+  const streamContext = (res: http.ServerResponse | http2.Http2ServerResponse) =>
+    createContextValues().set(cutOffKey, cutOffResponse(res));
 
   // Browser apps on other origins (PARLEY_CORS_ORIGINS).
   const corsForRpc = rpcCors(new CorsPolicy(config.corsOrigins));
@@ -139,7 +142,7 @@ export async function startServer(config: Config, log: Logger = createLogger(con
     if (rpc) {
       if (corsForRpc(req, res)) return;
       assignRequestId(req, res);
-      const uReq = universalRequestFromNodeRequest(req, res, undefined, undefined);
+      const uReq = universalRequestFromNodeRequest(req, res, undefined, streamingPaths.has(path) ? streamContext(res) : undefined);
       rpc(uReq)
         .then((uRes) => universalResponseToNodeResponse(uRes, res))
         .catch((error) => {

@@ -174,7 +174,9 @@ export class HubConnection {
     const signal = this.subscription.signal;
     try {
       const request = create(SubscribeRequestSchema, { includeMessages: true });
-      for await (const notification of this.deps.services.notifications.subscribe(caller, request, signal)) {
+      // A client that stopped reading cannot receive a Close message either: drop the socket.
+      const cutOff = () => this.ws.terminate();
+      for await (const notification of this.deps.services.notifications.subscribe(caller, request, signal, cutOff)) {
         const invocation = eventInvocation(notification);
         if (invocation !== undefined) await this.sendEvent(invocation);
         if (signal.aborted) return;

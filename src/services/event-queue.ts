@@ -1,6 +1,13 @@
 /**
+ * Ends a stream at the transport (HTTP/2 reset, socket close) when its client stopped reading, so
+ * nothing sent in-band can reach it any more. Given by the transport; optional.
+ */
+export type CutOff = (error: unknown) => void;
+
+/**
  * A bounded queue between bus callbacks and one stream. When the consumer falls `limit` events behind,
- * the queue overflows instead of growing: the stream decides how to recover.
+ * the queue overflows instead of growing: the stream decides how to recover. onOverflow runs at the
+ * moment it overflows, even when the consumer is not waiting for the next item.
  */
 export class EventQueue<T> {
   private items: T[] = [];
@@ -8,13 +15,14 @@ export class EventQueue<T> {
   private overflowed = false;
   private failure: unknown;
 
-  constructor(private readonly limit: number) {}
+  constructor(private readonly limit: number, private readonly onOverflow?: () => void) {}
 
   push(item: T): void {
     if (this.overflowed) return;
     if (this.items.length >= this.limit) {
       this.overflowed = true;
       this.items = [];
+      this.onOverflow?.();
     } else {
       this.items.push(item);
     }

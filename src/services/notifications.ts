@@ -7,7 +7,7 @@ import type { Subjects } from "../bus/subjects.js";
 import { ResourceExhaustedError, UnavailableError } from "../errors.js";
 import type { Metrics } from "../observability/metrics.js";
 import type { MemberStore } from "../store/member-store.js";
-import { abortReason, EventQueue } from "./event-queue.js";
+import { abortReason, EventQueue, type CutOff } from "./event-queue.js";
 import { withDeadline } from "../deadline.js";
 import type { StreamSlots } from "./stream-slots.js";
 
@@ -16,6 +16,9 @@ export interface NotificationLimits {
   queueLimit: number;
   storageTimeoutMs: number;
 }
+
+/** How long a stream that fell behind may take to read its RESOURCE_EXHAUSTED before it is cut off. */
+const STALLED_GRACE_MS = 2000;
 
 /**
  * One user's event stream. It listens to the user's subject (chats created with, joined, left, read
@@ -33,11 +36,21 @@ export class Notifications {
     private readonly streamSlots: StreamSlots,
   ) {}
 
-  async *subscribe(caller: Caller, req: SubscribeRequest, signal: AbortSignal): AsyncGenerator<Notification> {
+  /**
+   * A client that falls queueLimit events behind gets RESOURCE_EXHAUSTED when it next reads; one that
+   * has stopped reading altogether is cut off at the transport (cutOff) so it holds no slot for ever.
+   */
+  async *subscribe(caller: Caller, req: SubscribeRequest, signal: AbortSignal, cutOff?: CutOff): AsyncGenerator<Notification> {
     const { tenantId, userId } = caller;
     // Ready promises that nothing is missed: not while the bus is down.
     if (!this.fanout.connected) throw new UnavailableError("event bus unavailable; retry shortly");
-    const queue = new EventQueue<Notification>(this.limits.queueLimit);
+    const fellBehind = () => new ResourceExhaustedError(
+      `stream closed: the client fell more than ${this.limits.queueLimit} events behind; resubscribe and catch up`,
+    );
+    let stalled: NodeJS.Timeout | undefined;
+    const queue = new EventQueue<Notification>(this.limits.queueLimit, () => {
+      stalled = setTimeout(() => cutOff?.(fellBehind()), STALLED_GRACE_MS);
+    });
     const releaseSlot = this.streamSlots.acquire(caller, (error) => queue.fail(error));
     const chats = new Map<string, () => void>();
     /** Chats whose membership changed while the initial list was loading: the event wins. */
@@ -81,11 +94,7 @@ export class Notifications {
       for (;;) {
         const event = await queue.next(signal);
         if (event === "aborted") throw abortReason(signal);
-        if (event === "overflow") {
-          throw new ResourceExhaustedError(
-            `stream closed: the client fell more than ${this.limits.queueLimit} events behind; resubscribe and catch up`,
-          );
-        }
+        if (event === "overflow") throw fellBehind();
         if (!req.includeMessages && event.event.case === "messageCreated") {
           const { chatId, messageId, sequence, senderId } = event.event.value;
           yield create(NotificationSchema, {
@@ -98,6 +107,7 @@ export class Notifications {
         }
       }
     } finally {
+      clearTimeout(stalled);
       releaseSlot();
       stopWatchingBus();
       clearInterval(heartbeat);

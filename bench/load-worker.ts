@@ -583,9 +583,9 @@ async function pgStoreSend(args: { databaseUrl: string; serverRoot: string; dura
   const tenant = `raw-${crypto.randomBytes(4).toString("hex")}`;
   try {
     const { MessageStore } = (await import(pathToFileURL(path.join(args.serverRoot, "src/store/message-store.ts")).href)) as {
-      MessageStore: new (sql: postgres.Sql) => { send(tenant: string, chatId: string, id: string, sender: string, text: string, clientMessageId: string): Promise<unknown> };
+      MessageStore: new (db: { sql: postgres.Sql; cancellable: (query: postgres.PendingQuery<postgres.Row[]>) => unknown }) => { send(tenant: string, chatId: string, id: string, sender: string, text: string, clientMessageId: string): Promise<unknown> };
     };
-    const store = new MessageStore(sql);
+    const store = new MessageStore({ sql, cancellable: (query) => query });
     const chatIds = Array.from({ length: args.chats }, () => uuidv7());
     await sql`INSERT INTO chats (tenant_id, id, name, creator_id, create_time, member_count, activity_time)
               SELECT ${tenant}, id, 'raw', 'u', now(), 1, now() FROM unnest(${chatIds}::uuid[]) AS id`;

@@ -74,14 +74,14 @@ export async function startServer(config: Config, log: Logger = createLogger(con
   const events = new Events(bus, subjects, metrics, log);
   const pageTokens = new PageTokens(await loadServerSecret(db.sql, "page_token_key"));
   const hubSecret = await loadServerSecret(db.sql, "hub_connection_key");
-  const members = new MemberStore(db.sql);
+  const members = new MemberStore(db);
   const streamSlots = new StreamSlots(config.maxStreamsPerUser);
   const storageTimeoutMs = config.dbTimeoutSeconds * 1000 + 500;
   const services = {
-    chats: new Chats(new ChatStore(db.sql), events, pageTokens, config.maxMembers),
+    chats: new Chats(new ChatStore(db), events, pageTokens, config.maxMembers),
     members: new Members(members, events, pageTokens, config.maxMembers),
     messages: new Messages(
-      new MessageStore(db.sql), members, events, fanout, subjects, pageTokens,
+      new MessageStore(db), members, events, fanout, subjects, pageTokens,
       new RateLimiter(config.sendRatePerSecond, config.sendBurst), metrics,
       { queueLimit: config.streamQueueLimit, watchResyncMs: WATCH_RESYNC_MS, storageTimeoutMs }, streamSlots,
     ),

@@ -5,6 +5,7 @@
 import http2 from "node:http2";
 import v8 from "node:v8";
 import vm from "node:vm";
+import postgres from "postgres";
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { create, fromBinary, toBinary, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
@@ -48,6 +49,8 @@ const NO_RATE_LIMIT = { PARLEY_SEND_RATE: "1000000", PARLEY_SEND_BURST: "1000000
 
 const codeOf = (error: unknown) => ConnectError.from(error).code;
 const codeName = (code: Code | undefined) => (code === undefined ? "none" : Code[code]);
+/** "OK" or the name of the call's error code. */
+const outcome = (call: Promise<unknown>) => call.then(() => "OK", (error: unknown) => codeName(codeOf(error)));
 
 async function until(what: string, check: () => boolean | Promise<boolean>, timeoutMs: number, everyMs = 50): Promise<void> {
   const deadline = Date.now() + timeoutMs;
@@ -669,6 +672,63 @@ it("slow consumers - a WatchMessages client that stops reading resyncs from stor
     assert.is(stuck.items.at(-1)!.sequence, BigInt(total + 1));
   } finally {
     stuck?.close();
+    await server.destroy();
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// Deadlines: a query blocked behind the test's own lock must be cancelled in PostgreSQL when the
+// client's deadline passes (PGlite has a single connection, so nothing can hold a lock against it).
+
+const withRealDatabase = testDatabaseUrl ? it : test.skip;
+if (!testDatabaseUrl) console.log("!!! SKIPPED deadline-cancellation test: set TEST_DATABASE_URL (.ci/run does) !!!");
+
+withRealDatabase("deadline - a client deadline cancels the server's SQL: the blocked send is never stored, no query keeps waiting", async () => {
+  // Far beyond the deadlines below: only the client's deadline can end the blocked statements.
+  const server = await startTestServer({ ...NO_RATE_LIMIT, PARLEY_DB_TIMEOUT_SECONDS: "60" });
+  const locker = postgres(server.env.DATABASE_URL!, { max: 2, onnotice: () => {} });
+  const parleyWaitingOnLocks = async () => {
+    const [row] = await locker`
+      SELECT count(*)::int AS n FROM pg_stat_activity
+      WHERE datname = current_database() AND application_name = 'parley' AND wait_event_type = 'Lock'`;
+    return row!.n as number;
+  };
+  try {
+    const tenant = uniqueTenant("deadline");
+    for (const protocol of ["grpc", "connect"] as const) {
+      const alice = await user(server.url, tenant, "alice", protocol);
+      const { chat } = await alice.chats.createChat({ name: `deadline ${protocol}`, memberIds: ["bob"] });
+      const chatId = chat!.id;
+      await alice.messages.sendMessage({ chatId, text: "before" });
+
+      // SendMessage waits for the chat's row lock, which the test holds.
+      const holder = await locker.reserve();
+      await holder`BEGIN`;
+      await holder`SELECT 1 FROM chats WHERE id = ${chatId} FOR UPDATE`;
+      const send = alice.messages.sendMessage({ chatId, text: "too late" }, { timeoutMs: 400 });
+      assert.is(await outcome(send), "DeadlineExceeded", `${protocol}: the blocked send`);
+      await until(`${protocol}: the blocked INSERT is cancelled in PostgreSQL`, async () => (await parleyWaitingOnLocks()) === 0, 3000);
+      await holder`COMMIT`;
+
+      // History reads wait behind an exclusive lock on the table.
+      await holder`BEGIN`;
+      await holder`LOCK TABLE messages IN ACCESS EXCLUSIVE MODE`;
+      const list = alice.messages.listMessages({ chatId }, { timeoutMs: 400 });
+      assert.is(await outcome(list), "DeadlineExceeded", `${protocol}: the blocked read`);
+      await until(`${protocol}: the blocked SELECT is cancelled in PostgreSQL`, async () => (await parleyWaitingOnLocks()) === 0, 3000);
+      await holder`COMMIT`;
+      holder.release();
+
+      // Had the send only been abandoned, not cancelled, it would have been stored once the lock went.
+      await sleep(300);
+      const texts = (await listAll(alice, chatId)).map((m) => m.text);
+      assert.equal(texts, ["before"], `${protocol}: the send whose deadline passed was rolled back`);
+      const { message } = await alice.messages.sendMessage({ chatId, text: "after" });
+      assert.is(message!.sequence, 2n, `${protocol}: the sequence has no gap`);
+    }
+  } finally {
+    // Also ends a transaction a failed assertion left open, which would block the server's shutdown.
+    await locker.end({ timeout: 1 });
     await server.destroy();
   }
 });

@@ -69,7 +69,7 @@ function messagesService(bus: Bus, queueLimit: number) {
   const metrics = new Metrics();
   const subjects = new Subjects("gaps");
   return new Messages(
-    new MessageStore(db.sql), new MemberStore(db.sql), new Events(bus, subjects, metrics, log),
+    new MessageStore(db), new MemberStore(db), new Events(bus, subjects, metrics, log),
     new Fanout(bus, metrics, log), subjects, new PageTokens(Buffer.alloc(32)),
     new RateLimiter(1e9, 1e9), metrics, { queueLimit, watchResyncMs: 200, storageTimeoutMs: 5000 }, new StreamSlots(10),
   );
@@ -77,7 +77,7 @@ function messagesService(bus: Bus, queueLimit: number) {
 
 async function watchAndSend(service: Messages, count: number, readDelayMs: number): Promise<bigint[]> {
   const caller = { tenantId: `gaps-${Date.now()}-${Math.random().toString(36).slice(2)}`, userId: "alice" };
-  const { chat } = await new ChatStore(db.sql).create(caller.tenantId, crypto.randomUUID(), "alice", "gaps", ["alice"]);
+  const { chat } = await new ChatStore(db).create(caller.tenantId, crypto.randomUUID(), "alice", "gaps", ["alice"]);
   const abort = new AbortController();
   const stream = service.watchMessages(caller, create(WatchMessagesRequestSchema, { chatId: chat.id }), abort.signal);
   const first = stream.next(); // starts the stream: it listens and replays (nothing yet)

@@ -107,7 +107,8 @@ export class HubConnection {
       this.send(handshakeResponse() + closeMessage(`Unauthorized: ${this.auth.message}`));
       return this.closeSocket(1008, "unauthorized");
     }
-    this.caller = this.auth;
+    // Invocations stop their queries when the connection ends.
+    this.caller = { ...this.auth, signal: this.subscription.signal };
     this.send(handshakeResponse());
     this.ping = setInterval(() => this.send(PING), this.deps.settings.keepAliveMs);
     void this.forward(this.auth);

@@ -26,7 +26,7 @@ export class Chats {
     check.done();
     const userIds = [...new Set([caller.userId, ...memberIds])];
     if (userIds.length > this.maxMembers) throw new ResourceExhaustedError(`a chat has at most ${this.maxMembers} members`);
-    const { chat } = await this.store.create(caller.tenantId, uuidv7(), caller.userId, name, userIds);
+    const { chat } = await this.store.create(caller.tenantId, uuidv7(), caller.userId, name, userIds, caller.signal);
     await this.events.chatCreated(caller.tenantId, chat.id, chat.name, caller.userId, userIds);
     return create(CreateChatResponseSchema, { chat });
   }
@@ -38,7 +38,7 @@ export class Chats {
     const binding = ["ListChats", caller.userId];
     const position = this.pageTokens.decode(caller.tenantId, binding, req.pageToken);
     const after = position && { activityTime: position[0]!, chatId: position[1]! };
-    const page = await this.store.list(caller.tenantId, caller.userId, after, pageSize);
+    const page = await this.store.list(caller.tenantId, caller.userId, after, pageSize, caller.signal);
     return create(ListChatsResponseSchema, {
       chats: page.chats,
       nextPageToken: page.next
@@ -51,7 +51,7 @@ export class Chats {
     const check = new RequestCheck();
     const chatId = check.id("chat_id", req.chatId);
     check.done();
-    const chat = await this.store.get(caller.tenantId, caller.userId, chatId);
+    const chat = await this.store.get(caller.tenantId, caller.userId, chatId, caller.signal);
     if (!chat) throw new NotFoundError("chat");
     return create(GetChatResponseSchema, { chat });
   }
@@ -61,7 +61,7 @@ export class Chats {
     const chatId = check.id("chat_id", req.chatId);
     const sequence = check.sequence("sequence", req.sequence);
     check.done();
-    const chat = await this.store.markRead(caller.tenantId, caller.userId, chatId, sequence);
+    const chat = await this.store.markRead(caller.tenantId, caller.userId, chatId, sequence, caller.signal);
     if (!chat) throw new NotFoundError("chat");
     await this.events.readUpdated(caller.tenantId, caller.userId, chatId, chat.readSequence);
     return create(MarkReadResponseSchema, { chat });

@@ -25,7 +25,7 @@ export class Members {
     const binding = ["ListMembers", chatId];
     const position = this.pageTokens.decode(caller.tenantId, binding, req.pageToken);
     const after = position ? BigInt(position[0]!) : 0n;
-    const page = await this.store.list(caller.tenantId, caller.userId, chatId, after, pageSize);
+    const page = await this.store.list(caller.tenantId, caller.userId, chatId, after, pageSize, caller.signal);
     return create(ListMembersResponseSchema, {
       members: page.members,
       nextPageToken: page.next === undefined ? "" : this.pageTokens.encode(caller.tenantId, binding, [page.next]),
@@ -38,7 +38,7 @@ export class Members {
     const userIds = check.userIds("user_ids", req.userIds);
     if (userIds.length === 0) check.fail("user_ids", "required");
     check.done();
-    const added = await this.store.add(caller.tenantId, caller.userId, chatId, [...new Set(userIds)], this.maxMembers);
+    const added = await this.store.add(caller.tenantId, caller.userId, chatId, [...new Set(userIds)], this.maxMembers, caller.signal);
     await this.events.membersAdded(caller.tenantId, chatId, added.map((m) => m.userId), caller.userId);
     return create(AddMembersResponseSchema, { added });
   }
@@ -48,7 +48,7 @@ export class Members {
     const chatId = check.id("chat_id", req.chatId);
     const userId = check.userId("user_id", req.userId);
     check.done();
-    await this.store.remove(caller.tenantId, caller.userId, chatId, userId);
+    await this.store.remove(caller.tenantId, caller.userId, chatId, userId, caller.signal);
     await this.events.memberRemoved(caller.tenantId, chatId, userId, caller.userId);
     return create(RemoveMemberResponseSchema, {});
   }

@@ -56,7 +56,7 @@ export class Messages {
     const clientMessageId = check.clientMessageId("client_message_id", req.clientMessageId);
     check.done();
     this.rateLimiter.take(`${caller.tenantId}\u0000${caller.userId}`);
-    const { message, duplicate } = await this.store.send(caller.tenantId, chatId, uuidv7(), caller.userId, text, clientMessageId);
+    const { message, duplicate } = await this.store.send(caller.tenantId, chatId, uuidv7(), caller.userId, text, clientMessageId, caller.signal);
     if (!duplicate) {
       this.metrics.messagesSent.inc();
       await this.events.messageCreated(caller.tenantId, message);
@@ -78,14 +78,14 @@ export class Messages {
     const newestFirst = req.order !== Order.OLDEST_FIRST;
     const binding = ["ListMessages", chatId, newestFirst, startTime?.getTime(), endTime?.getTime(), afterSequence, beforeSequence];
     const position = this.pageTokens.decode(caller.tenantId, binding, req.pageToken);
-    if (!(await this.members.isMember(caller.tenantId, chatId, caller.userId))) throw new NotFoundError("chat");
+    if (!(await this.members.isMember(caller.tenantId, chatId, caller.userId, caller.signal))) throw new NotFoundError("chat");
     const query: MessageQuery = { startTime, endTime, afterSequence, beforeSequence, newestFirst };
     if (position) {
       const cursor = BigInt(position[0]!);
       if (newestFirst) query.beforeSequence = cursor;
       else query.afterSequence = cursor;
     }
-    const rows = await this.store.list(caller.tenantId, chatId, query, pageSize + 1);
+    const rows = await this.store.list(caller.tenantId, chatId, query, pageSize + 1, caller.signal);
     const messages = rows.slice(0, pageSize);
     const more = rows.length > pageSize;
     return create(ListMessagesResponseSchema, {
@@ -99,8 +99,8 @@ export class Messages {
     const chatId = check.id("chat_id", req.chatId);
     const messageId = check.id("message_id", req.messageId);
     check.done();
-    if (!(await this.members.isMember(caller.tenantId, chatId, caller.userId))) throw new NotFoundError("chat");
-    const message = await this.store.get(caller.tenantId, chatId, messageId);
+    if (!(await this.members.isMember(caller.tenantId, chatId, caller.userId, caller.signal))) throw new NotFoundError("chat");
+    const message = await this.store.get(caller.tenantId, chatId, messageId, caller.signal);
     if (!message) throw new NotFoundError("message");
     return create(GetMessageResponseSchema, { message });
   }
@@ -117,7 +117,7 @@ export class Messages {
     let last = check.sequence("after_sequence", req.afterSequence);
     check.done();
     const { tenantId, userId } = caller;
-    const member = await withDeadline(this.members.isMember(tenantId, chatId, userId), this.limits.storageTimeoutMs, "storage");
+    const member = await withDeadline(this.members.isMember(tenantId, chatId, userId, signal), this.limits.storageTimeoutMs, "storage");
     if (!member) throw new NotFoundError("chat");
     const queue = new EventQueue<Notification>(this.limits.queueLimit);
     const releaseSlot = this.streamSlots.acquire(caller, (error) => queue.fail(error));
@@ -131,7 +131,7 @@ export class Messages {
           const batch = await this.store.list(
             tenantId, chatId,
             { afterSequence: last, beforeSequence: before ?? 0n, newestFirst: false },
-            REPLAY_BATCH,
+            REPLAY_BATCH, signal,
           );
           for (const message of batch) {
             last = message.sequence;
@@ -146,7 +146,7 @@ export class Messages {
         if (event === "aborted") throw abortReason(signal);
         if (event === "overflow" || event === "idle") {
           // Events were dropped (this stream fell behind) or may have been lost: storage has them all.
-          if (!(await this.members.isMember(tenantId, chatId, userId))) throw new NotFoundError("chat");
+          if (!(await this.members.isMember(tenantId, chatId, userId, signal))) throw new NotFoundError("chat");
           yield* catchUp();
           continue;
         }

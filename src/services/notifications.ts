@@ -85,7 +85,7 @@ export class Notifications {
       this.limits.heartbeatSeconds * 1000,
     );
     try {
-      const chatIds = await withDeadline(this.members.chatIdsOf(tenantId, userId), this.limits.storageTimeoutMs, "storage");
+      const chatIds = await withDeadline(this.members.chatIdsOf(tenantId, userId, signal), this.limits.storageTimeoutMs, "storage");
       for (const chatId of chatIds) {
         if (!changedDuringSetup.has(chatId)) listenToChat(chatId);
       }

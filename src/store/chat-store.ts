@@ -2,7 +2,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { ChatSchema, type Chat } from "../../gen/parley/v1/chat_pb.js";
 import { MemberSchema, type Member } from "../../gen/parley/v1/member_pb.js";
-import type { Sql } from "./database.js";
+import type { Database, Sql } from "./database.js";
 
 /** Keyset position in a user's chat list: most recent activity first. */
 export interface ChatCursor {
@@ -19,43 +19,49 @@ export interface ChatPage {
 const NOW = "date_trunc('milliseconds', clock_timestamp())";
 
 export class ChatStore {
-  constructor(private readonly sql: Sql) {}
+  private readonly sql: Sql;
+  private readonly cancellable: Database["cancellable"];
+
+  constructor(db: Pick<Database, "sql" | "cancellable">) {
+    this.sql = db.sql;
+    this.cancellable = db.cancellable;
+  }
 
   /** Creates the chat with the creator first, then the other members in the order given. */
-  async create(tenant: string, chatId: string, creator: string, name: string, memberIds: string[]) {
+  async create(tenant: string, chatId: string, creator: string, name: string, memberIds: string[], signal?: AbortSignal) {
     const userIds = [...new Set([creator, ...memberIds])];
     return this.sql.begin(async (tx) => {
-      const [row] = await tx`
+      const [row] = await this.cancellable(tx`
         INSERT INTO chats (tenant_id, id, name, creator_id, create_time, member_count, activity_time)
         VALUES (${tenant}, ${chatId}, ${name}, ${creator}, ${tx.unsafe(NOW)}, ${userIds.length}, ${tx.unsafe(NOW)})
-        RETURNING *`;
-      const memberRows = await tx`
+        RETURNING *`, signal);
+      const memberRows = await this.cancellable(tx`
         INSERT INTO members (tenant_id, chat_id, user_id, join_time, added_by)
         SELECT ${tenant}, ${chatId}, u.user_id, ${row!.create_time}, ${creator}
         FROM unnest(${tx.array(userIds)}::text[]) WITH ORDINALITY AS u(user_id, position)
         ORDER BY u.position
-        RETURNING user_id, join_time, added_by`;
+        RETURNING user_id, join_time, added_by`, signal);
       return { chat: toChat(row!, 0n), members: memberRows.map(toMember) };
     });
   }
 
   /** The chat as the caller sees it, or undefined when it does not exist or the caller is not a member. */
-  async get(tenant: string, user: string, chatId: string): Promise<Chat | undefined> {
-    const [row] = await this.sql`
+  async get(tenant: string, user: string, chatId: string, signal?: AbortSignal): Promise<Chat | undefined> {
+    const [row] = await this.cancellable(this.sql`
       SELECT c.*, m.read_sequence FROM chats c
       JOIN members m ON m.tenant_id = c.tenant_id AND m.chat_id = c.id AND m.user_id = ${user}
-      WHERE c.tenant_id = ${tenant} AND c.id = ${chatId}`;
+      WHERE c.tenant_id = ${tenant} AND c.id = ${chatId}`, signal);
     return row && toChat(row, row.read_sequence as bigint);
   }
 
-  async list(tenant: string, user: string, after: ChatCursor | undefined, limit: number): Promise<ChatPage> {
-    const rows = await this.sql`
+  async list(tenant: string, user: string, after: ChatCursor | undefined, limit: number, signal?: AbortSignal): Promise<ChatPage> {
+    const rows = await this.cancellable(this.sql`
       SELECT c.*, m.read_sequence FROM members m
       JOIN chats c ON c.tenant_id = m.tenant_id AND c.id = m.chat_id
       WHERE m.tenant_id = ${tenant} AND m.user_id = ${user}
       ${after ? this.sql`AND (c.activity_time, c.id) < (${after.activityTime}::timestamptz, ${after.chatId}::uuid)` : this.sql``}
       ORDER BY c.activity_time DESC, c.id DESC
-      LIMIT ${limit + 1}`;
+      LIMIT ${limit + 1}`, signal);
     const page = rows.slice(0, limit);
     const last = page.at(-1);
     return {
@@ -68,13 +74,13 @@ export class ChatStore {
   }
 
   /** Moves the read marker forward, never past the last message; undefined when not a member. */
-  async markRead(tenant: string, user: string, chatId: string, sequence: bigint): Promise<Chat | undefined> {
-    const [row] = await this.sql`
+  async markRead(tenant: string, user: string, chatId: string, sequence: bigint, signal?: AbortSignal): Promise<Chat | undefined> {
+    const [row] = await this.cancellable(this.sql`
       UPDATE members m SET read_sequence = greatest(m.read_sequence, least(${sequence.toString()}::bigint, c.last_sequence))
       FROM chats c
       WHERE m.tenant_id = ${tenant} AND m.chat_id = ${chatId} AND m.user_id = ${user}
         AND c.tenant_id = m.tenant_id AND c.id = m.chat_id
-      RETURNING c.*, m.read_sequence`;
+      RETURNING c.*, m.read_sequence`, signal);
     return row && toChat(row, row.read_sequence as bigint);
   }
 }

@@ -11,6 +11,7 @@ export type Sql = postgres.Sql;
 /** The one PostgreSQL connection pool of the process, real or embedded. */
 export interface Database {
   sql: Sql;
+  cancellable: Cancellable;
   /** Throws when the database cannot answer. */
   ping(): Promise<void>;
   close(): Promise<void>;
@@ -42,6 +43,7 @@ export async function openDatabase(config: Config, log: Logger): Promise<Databas
   }
   return {
     sql,
+    cancellable: cancellableQueries(!embedded),
     async ping() {
       // A frozen server keeps connections open but silent: do not wait longer than any query may take.
       await withDeadline(sql`SELECT 1`.execute(), config.dbTimeoutSeconds * 1000, "database ping");
@@ -50,6 +52,53 @@ export async function openDatabase(config: Config, log: Logger): Promise<Databas
       await sql.end({ timeout: 5 });
       await embedded?.stop();
     },
+  };
+}
+
+/**
+ * Runs a query that is cancelled when the signal fires: a request whose client stopped waiting stops
+ * its work (and rolls back its transaction) instead of finishing for nobody. The error is then the
+ * signal's reason (DEADLINE_EXCEEDED, CANCELED), not the database's.
+ */
+export type Cancellable = <T extends readonly postgres.MaybeRow[]>(
+  query: postgres.PendingQuery<T>,
+  signal: AbortSignal | undefined,
+) => Promise<postgres.RowList<T>>;
+
+/** The parts of postgres.js's Query that cancelling needs (not in its typings). */
+interface QueryInternals {
+  /** Set once the query is handed to a connection; before that it only waits in the pool's queue. */
+  state?: unknown;
+  canceller?: ((query: unknown) => Promise<void>) | null;
+}
+
+/**
+ * A query still queued in the pool is simply dropped; one already sent is cancelled in the server
+ * with a cancel request on a new connection, which PGlite's single-connection socket cannot take
+ * (running: false). Its statements are short anyway: with one connection nothing waits on a lock.
+ */
+function cancellableQueries(running: boolean): Cancellable {
+  return async (query, signal) => {
+    if (signal === undefined) return query;
+    signal.throwIfAborted();
+    const cancel = () => {
+      const internals = query as unknown as QueryInternals;
+      if (!running && internals.state !== undefined) return;
+      // postgres.js drops the promise of its cancel request, so a refused connection (database down)
+      // would be an unhandled rejection: settle it here.
+      const canceller = internals.canceller;
+      internals.canceller = null;
+      canceller?.(query).catch(() => {});
+    };
+    signal.addEventListener("abort", cancel, { once: true });
+    try {
+      return await query;
+    } catch (error) {
+      if (signal.aborted) throw signal.reason;
+      throw error;
+    } finally {
+      signal.removeEventListener("abort", cancel);
+    }
   };
 }
 

@@ -2,7 +2,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { MessageSchema, type Message } from "../../gen/parley/v1/message_pb.js";
 import { NotFoundError } from "../errors.js";
-import type { Sql } from "./database.js";
+import type { Database, Sql } from "./database.js";
 
 export interface MessageQuery {
   /** Inclusive, ISO time. */
@@ -23,7 +23,13 @@ export interface SendResult {
 }
 
 export class MessageStore {
-  constructor(private readonly sql: Sql) {}
+  private readonly sql: Sql;
+  private readonly cancellable: Database["cancellable"];
+
+  constructor(db: Pick<Database, "sql" | "cancellable">) {
+    this.sql = db.sql;
+    this.cancellable = db.cancellable;
+  }
 
   /**
    * Stores a message with the chat's next sequence, in one statement (one round trip). The chat row
@@ -31,9 +37,9 @@ export class MessageStore {
    * released and gets the next number, and a statement that fails changes nothing, so sequences stay
    * 1..N without gaps. A repeated client_message_id hits the unique index and inserts nothing.
    */
-  async send(tenant: string, chatId: string, messageId: string, sender: string, text: string, clientMessageId: string): Promise<SendResult> {
+  async send(tenant: string, chatId: string, messageId: string, sender: string, text: string, clientMessageId: string, signal?: AbortSignal): Promise<SendResult> {
     const cmid = clientMessageId === "" ? null : clientMessageId;
-    const [row] = await this.sql`
+    const [row] = await this.cancellable(this.sql`
       WITH chat AS (
         SELECT c.last_sequence, c.last_message_time FROM chats c
         JOIN members m ON m.tenant_id = c.tenant_id AND m.chat_id = c.id AND m.user_id = ${sender}
@@ -54,30 +60,30 @@ export class MessageStore {
         UPDATE members m SET read_sequence = i.sequence
         FROM inserted i WHERE m.tenant_id = ${tenant} AND m.chat_id = ${chatId} AND m.user_id = ${sender}
       )
-      SELECT * FROM inserted`;
+      SELECT * FROM inserted`, signal);
     if (row) return { message: toMessage(row), duplicate: false };
     // Nothing inserted: either the sender is not a member, or this is a retry of an earlier send.
     if (cmid !== null) {
-      const [earlier] = await this.sql`
+      const [earlier] = await this.cancellable(this.sql`
         SELECT msg.* FROM messages msg
         JOIN members m ON m.tenant_id = msg.tenant_id AND m.chat_id = msg.chat_id AND m.user_id = ${sender}
         WHERE msg.tenant_id = ${tenant} AND msg.chat_id = ${chatId}
-          AND msg.sender_id = ${sender} AND msg.client_message_id = ${cmid}`;
+          AND msg.sender_id = ${sender} AND msg.client_message_id = ${cmid}`, signal);
       if (earlier) return { message: toMessage(earlier), duplicate: true };
     }
     throw new NotFoundError("chat");
   }
 
-  async get(tenant: string, chatId: string, messageId: string): Promise<Message | undefined> {
-    const [row] = await this.sql`
-      SELECT * FROM messages WHERE tenant_id = ${tenant} AND id = ${messageId} AND chat_id = ${chatId}`;
+  async get(tenant: string, chatId: string, messageId: string, signal?: AbortSignal): Promise<Message | undefined> {
+    const [row] = await this.cancellable(this.sql`
+      SELECT * FROM messages WHERE tenant_id = ${tenant} AND id = ${messageId} AND chat_id = ${chatId}`, signal);
     return row && toMessage(row);
   }
 
   /** One page of history (limit + 1 rows are read to know whether more follow). */
-  async list(tenant: string, chatId: string, query: MessageQuery, limit: number): Promise<Message[]> {
+  async list(tenant: string, chatId: string, query: MessageQuery, limit: number, signal?: AbortSignal): Promise<Message[]> {
     const sql = this.sql;
-    const rows = await sql`
+    const rows = await this.cancellable(sql`
       SELECT * FROM messages
       WHERE tenant_id = ${tenant} AND chat_id = ${chatId}
       ${query.afterSequence > 0n ? sql`AND sequence > ${query.afterSequence.toString()}` : sql``}
@@ -85,7 +91,7 @@ export class MessageStore {
       ${query.startTime ? sql`AND create_time >= ${query.startTime}` : sql``}
       ${query.endTime ? sql`AND create_time < ${query.endTime}` : sql``}
       ORDER BY sequence ${query.newestFirst ? sql`DESC` : sql`ASC`}
-      LIMIT ${limit}`;
+      LIMIT ${limit}`, signal);
     return rows.map(toMessage);
   }
 }

@@ -80,7 +80,7 @@ export function failFast(timeoutMs: number): Interceptor {
 export function authenticate(verifier: TokenVerifier): Interceptor {
   return (next) => async (req) => {
     const caller = await verifier.verifyHeader(req.header.get("authorization"));
-    req.contextValues.set(callerKey, caller);
+    req.contextValues.set(callerKey, { ...caller, signal: req.signal });
     return next(req);
   };
 }

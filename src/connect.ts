@@ -1,14 +1,14 @@
 import type { ConnectRouter, HandlerContext } from "@connectrpc/connect";
 import { ChatService } from "../gen/parley/v1/chat_pb.js";
 import { MemberService } from "../gen/parley/v1/member_pb.js";
-import { MessageService } from "../gen/parley/v1/message_pb.js";
-import { NotificationService } from "../gen/parley/v1/notification_pb.js";
+import { MessageSchema, MessageService } from "../gen/parley/v1/message_pb.js";
+import { NotificationSchema, NotificationService } from "../gen/parley/v1/notification_pb.js";
 import { callerKey, type Caller } from "./auth/caller.js";
 import type { Chats } from "./services/chats.js";
 import type { Members } from "./services/members.js";
 import type { Messages } from "./services/messages.js";
 import type { Notifications } from "./services/notifications.js";
-import { cutOffKey } from "./transport/cut-off.js";
+import { streamOutput } from "./transport/stream-output.js";
 
 export interface ParleyServices {
   chats: Chats;
@@ -43,9 +43,9 @@ export function registerParley(router: ConnectRouter, s: ParleyServices): void {
     sendMessage: (req, ctx) => s.messages.sendMessage(caller(ctx), req),
     listMessages: (req, ctx) => s.messages.listMessages(caller(ctx), req),
     getMessage: (req, ctx) => s.messages.getMessage(caller(ctx), req),
-    watchMessages: (req, ctx) => s.messages.watchMessages(caller(ctx), req, ctx.signal),
+    watchMessages: (req, ctx) => s.messages.watchMessages(caller(ctx), req, ctx.signal, streamOutput(ctx, MessageSchema)),
   });
   router.service(NotificationService, {
-    subscribe: (req, ctx) => s.notifications.subscribe(caller(ctx), req, ctx.signal, ctx.values.get(cutOffKey)),
+    subscribe: (req, ctx) => s.notifications.subscribe(caller(ctx), req, ctx.signal, streamOutput(ctx, NotificationSchema)),
   });
 }

@@ -38,7 +38,7 @@ import { loadServerSecret } from "./store/server-secrets.js";
 import { rejectUndecodableBody, rejectUndecodableStreamMessages, withBodyCheck } from "./transport/body-check.js";
 import { rpcCors } from "./transport/cors.js";
 import { assignRequestId, authenticate, failFast, mapErrors, observe } from "./transport/interceptors.js";
-import { cutOffKey, cutOffResponse } from "./transport/cut-off.js";
+import { nodeResponseKey } from "./transport/stream-output.js";
 import { createOnePortServer } from "./transport/one-port.js";
 
 /** How often a quiet WatchMessages stream re-checks storage and membership. */
@@ -130,8 +130,7 @@ export async function startServer(config: Config, log: Logger = createLogger(con
     rpcs.set(handler.requestPath, withBodyCheck(handler, config.maxRequestBytes));
     if (handler.method.methodKind === "server_streaming") streamingPaths.add(handler.requestPath);
   }
-  const streamContext = (res: http.ServerResponse | http2.Http2ServerResponse) =>
-    createContextValues().set(cutOffKey, cutOffResponse(res));
+  const streamContext = (res: http.ServerResponse | http2.Http2ServerResponse) => createContextValues().set(nodeResponseKey, res);
 
   // Browser apps on other origins (PARLEY_CORS_ORIGINS).
   const corsForRpc = rpcCors(new CorsPolicy(config.corsOrigins));

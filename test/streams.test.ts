@@ -1,9 +1,10 @@
 import { test } from "uvu";
 import * as assert from "uvu/assert";
-import { Code, ConnectError } from "@connectrpc/connect";
+import { Code, ConnectError, createClient, type Interceptor, type Transport } from "@connectrpc/connect";
+import { compressionGzip, createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
-import type { Message } from "../gen/parley/v1/message_pb.js";
-import type { Notification } from "../gen/parley/v1/notification_pb.js";
+import { MessageService, type Message } from "../gen/parley/v1/message_pb.js";
+import { NotificationService, type Notification } from "../gen/parley/v1/notification_pb.js";
 import { grpcMetadata, grpcPackage, parleyClient, type ParleyClient, type Protocol } from "./support/clients.js";
 import { startTestServer, tokenFor, uniqueTenant, type TestServer } from "./support/server.js";
 import { StreamReader } from "./support/streams.js";
@@ -178,6 +179,63 @@ test("streams - grpc-js client receives Subscribe and WatchMessages over h2c", a
   subscribeCall.cancel();
   messages.close();
   notifications.close();
+});
+
+test("streams - live events arrive intact in every protocol, codec and compression", async () => {
+  // Small live events are written below Connect, encoded once for every stream; large ones under
+  // gzip go through Connect (it compresses them). Both must interleave into one valid stream.
+  const tenant = uniqueTenant();
+  const alice = await user(tenant, "alice");
+  const { chat } = await alice.chats.createChat({ name: "codecs", memberIds: ["bob"] });
+  const chatId = chat!.id;
+  const bobToken = await tokenFor(tenant, "bob");
+  const auth: Interceptor = (next) => (req) => {
+    req.header.set("authorization", `Bearer ${bobToken}`);
+    return next(req);
+  };
+  const baseUrl = server.url;
+  const transports: Record<string, Transport> = {};
+  for (const gzip of [false, true]) {
+    const compression = gzip ? { sendCompression: compressionGzip, acceptCompression: [compressionGzip] } : { acceptCompression: [] };
+    const suffix = gzip ? "+gzip" : "";
+    const interceptors = [auth];
+    transports[`grpc${suffix}`] = createGrpcTransport({ baseUrl, interceptors, ...compression });
+    transports[`grpc-web${suffix}`] = createGrpcWebTransport({ baseUrl, httpVersion: "1.1", interceptors, ...compression });
+    transports[`connect-binary-h1${suffix}`] = createConnectTransport({ baseUrl, httpVersion: "1.1", useBinaryFormat: true, interceptors, ...compression });
+    transports[`connect-binary-h2${suffix}`] = createConnectTransport({ baseUrl, httpVersion: "2", useBinaryFormat: true, interceptors, ...compression });
+    transports[`connect-json${suffix}`] = createConnectTransport({ baseUrl, httpVersion: "1.1", interceptors, ...compression });
+  }
+  const streams = Object.entries(transports).map(([name, transport]) => {
+    const [subscribeAbort, watchAbort] = [new AbortController(), new AbortController()];
+    return {
+      name,
+      subscription: new StreamReader(
+        createClient(NotificationService, transport).subscribe({ includeMessages: true }, { signal: subscribeAbort.signal }),
+        subscribeAbort,
+      ),
+      watch: new StreamReader(createClient(MessageService, transport).watchMessages({ chatId }, { signal: watchAbort.signal }), watchAbort),
+    };
+  });
+  for (const { name, subscription } of streams) assert.is((await subscription.next()).event.case, "ready", name);
+  const texts = Array.from({ length: 12 }, (_, i) => (i % 3 === 2 ? `large ${i} ` + "é".repeat(1500) : `small ${i}`));
+  for (const text of texts) await alice.messages.sendMessage({ chatId, text });
+  for (const { name, subscription, watch } of streams) {
+    const watched: string[] = [];
+    for (let i = 0; i < texts.length; i++) {
+      const message = await watch.next();
+      assert.is(message.sequence, BigInt(i + 1), `${name}: watch sequence`);
+      watched.push(message.text);
+    }
+    assert.equal(watched, texts, `${name}: watched texts`);
+    const notified: string[] = [];
+    while (notified.length < texts.length) {
+      const n = await subscription.next();
+      if (n.event.case === "messageCreated") notified.push(n.event.value.message!.text);
+    }
+    assert.equal(notified, texts, `${name}: notified texts`);
+    subscription.close();
+    watch.close();
+  }
 });
 
 test("streams - cancelled streams release their bus subscriptions", async () => {

@@ -176,8 +176,8 @@ export class HubConnection {
     try {
       const request = create(SubscribeRequestSchema, { includeMessages: true });
       // A client that stopped reading cannot receive a Close message either: drop the socket.
-      const cutOff = () => this.ws.terminate();
-      for await (const notification of this.deps.services.notifications.subscribe(caller, request, signal, cutOff)) {
+      const output = { cutOff: () => this.ws.terminate() };
+      for await (const notification of this.deps.services.notifications.subscribe(caller, request, signal, output)) {
         const invocation = eventInvocation(notification);
         if (invocation !== undefined) await this.sendEvent(invocation);
         if (signal.aborted) return;

@@ -1,8 +1,16 @@
-/**
- * Ends a stream at the transport (HTTP/2 reset, socket close) when its client stopped reading, so
- * nothing sent in-band can reach it any more. Given by the transport; optional.
- */
-export type CutOff = (error: unknown) => void;
+/** What a transport may do for a stream besides iterating it (every part optional). */
+export interface StreamOutput<T> {
+  /**
+   * Writes a message itself, faster than yielding it, and resolves once the transport can take
+   * more; undefined means "not here, yield it".
+   */
+  write?(message: T): Promise<void> | undefined;
+  /**
+   * Ends the stream at the transport (HTTP/2 reset, socket close) for a client that stopped
+   * reading, whom nothing sent in-band can reach any more.
+   */
+  cutOff?(error: unknown): void;
+}
 
 /**
  * A bounded queue between bus callbacks and one stream. When the consumer falls `limit` events behind,
@@ -14,6 +22,10 @@ export class EventQueue<T> {
   private waiter: (() => void) | undefined;
   private overflowed = false;
   private failure: unknown;
+  /** The signal next() listens to: one listener per queue, not one per wait. */
+  private watched: AbortSignal | undefined;
+  private idleTimer: NodeJS.Timeout | undefined;
+  private idleTimerMs = 0;
 
   constructor(private readonly limit: number, private readonly onOverflow?: () => void) {}
 
@@ -49,7 +61,7 @@ export class EventQueue<T> {
   next(signal: AbortSignal): Promise<T | "overflow" | "aborted">;
   next(signal: AbortSignal, idleMs: number): Promise<T | "overflow" | "aborted" | "idle">;
   async next(signal: AbortSignal, idleMs = Infinity): Promise<T | "overflow" | "aborted" | "idle"> {
-    const deadline = performance.now() + idleMs;
+    let deadline = Infinity;
     for (;;) {
       if (signal.aborted) return "aborted";
       if (this.failure !== undefined) throw this.failure;
@@ -57,26 +69,47 @@ export class EventQueue<T> {
         this.overflowed = false;
         return "overflow";
       }
-      const item = this.items.shift();
-      if (item !== undefined) return item;
+      if (this.items.length > 0) return this.items.shift()!;
+      if (deadline === Infinity && idleMs !== Infinity) deadline = performance.now() + idleMs;
       const wait = deadline - performance.now();
       if (wait <= 0) return "idle";
-      await new Promise<void>((resolve) => {
-        const timer = Number.isFinite(wait) ? setTimeout(() => done(), wait) : undefined;
-        const done = () => {
-          clearTimeout(timer);
-          signal.removeEventListener("abort", done);
-          this.waiter = undefined;
-          resolve();
-        };
-        this.waiter = done;
-        signal.addEventListener("abort", done);
-      });
+      // One abort listener and one idle timer (re-armed with refresh()) per queue, instead of adding
+      // and removing them for every wait: this runs once per event per open stream.
+      if (this.watched !== signal) {
+        this.watched = signal;
+        signal.addEventListener("abort", () => this.wake(), { once: true });
+      }
+      if (wait !== Infinity) this.armIdleTimer(wait);
+      await new Promise<void>((resolve) => (this.waiter = resolve));
     }
   }
 
+  /** Stops the idle timer (the stream ended). */
+  dispose(): void {
+    clearTimeout(this.idleTimer);
+  }
+
+  /**
+   * Wakes the waiter after about ms (within 1 ms). A wake-up before the deadline (the timer of an
+   * earlier wait) only loops once more.
+   */
+  private armIdleTimer(ms: number): void {
+    if (this.idleTimer && Math.abs(ms - this.idleTimerMs) <= 1) {
+      this.idleTimer.refresh();
+      return;
+    }
+    clearTimeout(this.idleTimer);
+    this.idleTimerMs = ms;
+    this.idleTimer = setTimeout(() => this.wake(), ms);
+    // A pending idle timer must not keep a stopping process alive; it only wakes a waiter.
+    this.idleTimer.unref();
+  }
+
   private wake(): void {
-    this.waiter?.();
+    const waiter = this.waiter;
+    if (waiter === undefined) return;
+    this.waiter = undefined;
+    waiter();
   }
 }
 

@@ -12,7 +12,7 @@ import { NotFoundError } from "../errors.js";
 import type { Metrics } from "../observability/metrics.js";
 import type { MemberStore } from "../store/member-store.js";
 import type { MessageQuery, MessageStore } from "../store/message-store.js";
-import { abortReason, EventQueue } from "./event-queue.js";
+import { abortReason, EventQueue, type StreamOutput } from "./event-queue.js";
 import { withDeadline } from "../deadline.js";
 import type { Events } from "./events.js";
 import type { PageTokens } from "./page-token.js";
@@ -78,14 +78,17 @@ export class Messages {
     const newestFirst = req.order !== Order.OLDEST_FIRST;
     const binding = ["ListMessages", chatId, newestFirst, startTime?.getTime(), endTime?.getTime(), afterSequence, beforeSequence];
     const position = this.pageTokens.decode(caller.tenantId, binding, req.pageToken);
-    if (!(await this.members.isMember(caller.tenantId, chatId, caller.userId, caller.signal))) throw new NotFoundError("chat");
-    const query: MessageQuery = { startTime, endTime, afterSequence, beforeSequence, newestFirst };
+    const query: MessageQuery = { startTime, endTime, afterSequence, beforeSequence, newestFirst, visibleTo: caller.userId };
     if (position) {
       const cursor = BigInt(position[0]!);
       if (newestFirst) query.beforeSequence = cursor;
       else query.afterSequence = cursor;
     }
     const rows = await this.store.list(caller.tenantId, chatId, query, pageSize + 1, caller.signal);
+    // No rows: an empty range, or the caller is not a member (the query checked it).
+    if (rows.length === 0 && !(await this.members.isMember(caller.tenantId, chatId, caller.userId, caller.signal))) {
+      throw new NotFoundError("chat");
+    }
     const messages = rows.slice(0, pageSize);
     const more = rows.length > pageSize;
     return create(ListMessagesResponseSchema, {
@@ -99,9 +102,11 @@ export class Messages {
     const chatId = check.id("chat_id", req.chatId);
     const messageId = check.id("message_id", req.messageId);
     check.done();
-    if (!(await this.members.isMember(caller.tenantId, chatId, caller.userId, caller.signal))) throw new NotFoundError("chat");
-    const message = await this.store.get(caller.tenantId, chatId, messageId, caller.signal);
-    if (!message) throw new NotFoundError("message");
+    const message = await this.store.get(caller.tenantId, caller.userId, chatId, messageId, caller.signal);
+    if (!message) {
+      const member = await this.members.isMember(caller.tenantId, chatId, caller.userId, caller.signal);
+      throw new NotFoundError(member ? "message" : "chat");
+    }
     return create(GetMessageResponseSchema, { message });
   }
 
@@ -111,7 +116,7 @@ export class Messages {
    * jump forward (a lost or dropped event) is filled from the database, so the stream has no gap and
    * no duplicate.
    */
-  async *watchMessages(caller: Caller, req: WatchMessagesRequest, signal: AbortSignal): AsyncGenerator<Message> {
+  async *watchMessages(caller: Caller, req: WatchMessagesRequest, signal: AbortSignal, output: StreamOutput<Message> = {}): AsyncGenerator<Message> {
     const check = new RequestCheck();
     const chatId = check.id("chat_id", req.chatId);
     let last = check.sequence("after_sequence", req.afterSequence);
@@ -158,10 +163,13 @@ export class Messages {
         if (sequence > last + 1n) yield* catchUp(sequence);
         if (sequence === last + 1n) {
           last = sequence;
-          yield e.value.message;
+          const written = output.write?.(e.value.message);
+          if (written) await written;
+          else yield e.value.message;
         }
       }
     } finally {
+      queue.dispose();
       releaseSlot();
       stopWatchingBus();
       stopListening();

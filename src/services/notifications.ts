@@ -7,7 +7,7 @@ import type { Subjects } from "../bus/subjects.js";
 import { ResourceExhaustedError, UnavailableError } from "../errors.js";
 import type { Metrics } from "../observability/metrics.js";
 import type { MemberStore } from "../store/member-store.js";
-import { abortReason, EventQueue, type CutOff } from "./event-queue.js";
+import { abortReason, EventQueue, type StreamOutput } from "./event-queue.js";
 import { withDeadline } from "../deadline.js";
 import type { StreamSlots } from "./stream-slots.js";
 
@@ -38,9 +38,9 @@ export class Notifications {
 
   /**
    * A client that falls queueLimit events behind gets RESOURCE_EXHAUSTED when it next reads; one that
-   * has stopped reading altogether is cut off at the transport (cutOff) so it holds no slot for ever.
+   * has stopped reading altogether is cut off at the transport (output.cutOff) so it holds no slot for ever.
    */
-  async *subscribe(caller: Caller, req: SubscribeRequest, signal: AbortSignal, cutOff?: CutOff): AsyncGenerator<Notification> {
+  async *subscribe(caller: Caller, req: SubscribeRequest, signal: AbortSignal, output: StreamOutput<Notification> = {}): AsyncGenerator<Notification> {
     const { tenantId, userId } = caller;
     // Ready promises that nothing is missed: not while the bus is down.
     if (!this.fanout.connected) throw new UnavailableError("event bus unavailable; retry shortly");
@@ -49,7 +49,7 @@ export class Notifications {
     );
     let stalled: NodeJS.Timeout | undefined;
     const queue = new EventQueue<Notification>(this.limits.queueLimit, () => {
-      stalled = setTimeout(() => cutOff?.(fellBehind()), STALLED_GRACE_MS);
+      stalled = setTimeout(() => output.cutOff?.(fellBehind()), STALLED_GRACE_MS);
     });
     const releaseSlot = this.streamSlots.acquire(caller, (error) => queue.fail(error));
     const chats = new Map<string, () => void>();
@@ -95,16 +95,10 @@ export class Notifications {
         const event = await queue.next(signal);
         if (event === "aborted") throw abortReason(signal);
         if (event === "overflow") throw fellBehind();
-        if (!req.includeMessages && event.event.case === "messageCreated") {
-          const { chatId, messageId, sequence, senderId } = event.event.value;
-          yield create(NotificationSchema, {
-            chatId: event.chatId,
-            time: event.time,
-            event: { case: "messageCreated", value: { chatId, messageId, sequence, senderId } },
-          });
-        } else {
-          yield event;
-        }
+        const notification = req.includeMessages ? event : withoutMessage(event);
+        const written = output.write?.(notification);
+        if (written) await written;
+        else yield notification;
       }
     } finally {
       clearTimeout(stalled);
@@ -116,4 +110,25 @@ export class Notifications {
       this.metrics.activeStreams.dec({ kind: "subscribe" });
     }
   }
+}
+
+const withoutMessages = new WeakMap<Notification, Notification>();
+
+/**
+ * MessageCreated without the message itself (include_messages off), made once per event and shared
+ * by every stream that wants it, so that it is encoded once too.
+ */
+function withoutMessage(event: Notification): Notification {
+  if (event.event.case !== "messageCreated") return event;
+  let stripped = withoutMessages.get(event);
+  if (stripped === undefined) {
+    const { chatId, messageId, sequence, senderId } = event.event.value;
+    stripped = create(NotificationSchema, {
+      chatId: event.chatId,
+      time: event.time,
+      event: { case: "messageCreated", value: { chatId, messageId, sequence, senderId } },
+    });
+    withoutMessages.set(event, stripped);
+  }
+  return stripped;
 }

@@ -14,6 +14,8 @@ export interface MessageQuery {
   /** Exclusive upper bound; 0n for none. */
   beforeSequence: bigint;
   newestFirst: boolean;
+  /** Only if this user is a member of the chat (no rows otherwise): saves a round trip. */
+  visibleTo?: string;
 }
 
 export interface SendResult {
@@ -74,9 +76,11 @@ export class MessageStore {
     throw new NotFoundError("chat");
   }
 
-  async get(tenant: string, chatId: string, messageId: string, signal?: AbortSignal): Promise<Message | undefined> {
+  /** The message, if the reader is a member of its chat. */
+  async get(tenant: string, reader: string, chatId: string, messageId: string, signal?: AbortSignal): Promise<Message | undefined> {
     const [row] = await this.cancellable(this.sql`
-      SELECT * FROM messages WHERE tenant_id = ${tenant} AND id = ${messageId} AND chat_id = ${chatId}`, signal);
+      SELECT * FROM messages WHERE tenant_id = ${tenant} AND id = ${messageId} AND chat_id = ${chatId}
+        AND EXISTS (SELECT 1 FROM members m WHERE m.tenant_id = ${tenant} AND m.chat_id = ${chatId} AND m.user_id = ${reader})`, signal);
     return row && toMessage(row);
   }
 
@@ -90,6 +94,8 @@ export class MessageStore {
       ${query.beforeSequence > 0n ? sql`AND sequence < ${query.beforeSequence.toString()}` : sql``}
       ${query.startTime ? sql`AND create_time >= ${query.startTime}` : sql``}
       ${query.endTime ? sql`AND create_time < ${query.endTime}` : sql``}
+      ${query.visibleTo === undefined ? sql`` : sql`AND EXISTS (SELECT 1 FROM members m
+        WHERE m.tenant_id = ${tenant} AND m.chat_id = ${chatId} AND m.user_id = ${query.visibleTo})`}
       ORDER BY sequence ${query.newestFirst ? sql`DESC` : sql`ASC`}
       LIMIT ${limit}`, signal);
     return rows.map(toMessage);

@@ -1,0 +1,89 @@
+import http2 from "node:http2";
+import type http from "node:http";
+import { toBinary, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
+import { createContextKey, type HandlerContext } from "@connectrpc/connect";
+import type { StreamOutput } from "../services/event-queue.js";
+
+type NodeResponse = http.ServerResponse | http2.Http2ServerResponse;
+
+/** The Node.js response of a server-streaming RPC, put into its context by the server. */
+export const nodeResponseKey = createContextKey<NodeResponse | undefined>(undefined, { description: "Node.js response" });
+
+/**
+ * Binary streaming content types. gRPC, gRPC-Web and Connect streaming frame each message the same
+ * way, a 5-byte envelope (flags, big-endian length) and the protobuf bytes; only the end of the
+ * stream (trailers, gRPC-Web trailer frame, Connect end-stream message) differs, and Connect writes it.
+ */
+const BINARY_STREAM = /^application\/(grpc|grpc\+proto|grpc-web|grpc-web\+proto|connect\+proto)(;|$)/i;
+
+/** Connect's default compressMinBytes (the routers do not change it): smaller messages go uncompressed. */
+const CONNECT_COMPRESS_MIN_BYTES = 1024;
+
+/**
+ * What the transport does for a server stream of the given message type, below Connect:
+ * - write: one event reaches many streams, and Connect would encode it and pass it through about
+ *   seven async layers once per stream. Here it is encoded once (see envelopeOf) and written straight
+ *   to the response, where the bytes are exactly what Connect would write (binary codec, message not
+ *   compressed) and Connect has sent the headers. Otherwise it returns undefined and the service
+ *   yields the message to Connect as usual. Ordering holds because Connect pulls the next message
+ *   only after it wrote the previous one. Ends and errors still go through Connect.
+ * - cutOff: see CutOff. HTTP/2 resets the stream with ENHANCE_YOUR_CALM, which gRPC and Connect
+ *   clients report as RESOURCE_EXHAUSTED; HTTP/1.1 has no per-request reset, so the connection closes.
+ */
+export function streamOutput<Desc extends DescMessage>(ctx: HandlerContext, schema: Desc): StreamOutput<MessageShape<Desc>> | undefined {
+  const res = ctx.values.get(nodeResponseKey);
+  if (res === undefined) return undefined;
+  const binary = BINARY_STREAM.test(ctx.requestHeader.get("content-type") ?? "");
+  const compressed = ctx.responseHeader.has("grpc-encoding") || ctx.responseHeader.has("connect-content-encoding");
+  return {
+    write(message) {
+      if (!binary || !res.headersSent) return undefined;
+      const envelope = envelopeOf(schema, message);
+      if (compressed && envelope.length - 5 >= CONNECT_COMPRESS_MIN_BYTES) return undefined;
+      return writeEnvelope(res, envelope, ctx.signal);
+    },
+    cutOff() {
+      if (res.writableFinished) return;
+      if (res instanceof http2.Http2ServerResponse) {
+        if (!res.stream.destroyed) res.stream.close(http2.constants.NGHTTP2_ENHANCE_YOUR_CALM);
+        // Connect's writer waits for "drain" or "error", and a reset stream emits neither: wake it, so it
+        // finds the call aborted and ends the handler (which frees the stream's slot and listeners).
+        res.emit("drain");
+      } else {
+        res.destroy();
+      }
+    },
+  };
+}
+
+const envelopes = new WeakMap<object, Uint8Array>();
+
+/** The enveloped encoding of a message, made once per message object (events are never mutated). */
+function envelopeOf<Desc extends DescMessage>(schema: Desc, message: MessageShape<Desc>): Uint8Array {
+  let envelope = envelopes.get(message);
+  if (envelope === undefined) {
+    const bytes = toBinary(schema, message);
+    envelope = new Uint8Array(5 + bytes.length);
+    new DataView(envelope.buffer).setUint32(1, bytes.length);
+    envelope.set(bytes, 5);
+    envelopes.set(message, envelope);
+  }
+  return envelope;
+}
+
+/** Writes; while the response is over its buffer limit (flow control), waits as Connect would. */
+async function writeEnvelope(res: NodeResponse, envelope: Uint8Array, signal: AbortSignal): Promise<void> {
+  if (signal.aborted || res.destroyed || res.writableEnded) return;
+  if ((res as http.ServerResponse).write(envelope)) return;
+  await new Promise<void>((resolve) => {
+    const done = () => {
+      res.off("drain", done);
+      res.off("close", done);
+      signal.removeEventListener("abort", done);
+      resolve();
+    };
+    res.on("drain", done);
+    res.on("close", done);
+    signal.addEventListener("abort", done);
+  });
+}

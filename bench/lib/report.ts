@@ -210,7 +210,7 @@ export function markdown(results: Results): string {
   }
   if (results.history) {
     out.push("## (e) History: ListMessages, newest 50", "");
-    out.push(`${results.history[0]?.api.count ?? 0} sequential queries after 20 warm-up queries, over one HTTP/2 connection; "raw SQL" = the same two statements Parley runs (membership check + page) straight from postgres.js.`, "");
+    out.push(`${results.history[0]?.api.count ?? 0} sequential queries after 20 warm-up queries, over one HTTP/2 connection; "raw SQL" = the statement Parley runs (the page with its membership check) straight from postgres.js.`, "");
     out.push("| messages in chat | API p50 / p99 / p99.9 ms (client-measured) | server-side handler p50 / p99 (Parley's RPC histogram buckets; includes the warm-up queries) | raw SQL p50 / p99 ms | API p99 ÷ raw p99 | wrong pages | bulk insert rows/s |", "|---:|---|---|---|---:|---:|---:|");
     for (const h of results.history) {
       out.push(`| ${h.messages.toLocaleString("en-US")} | ${lat(h.api)} | ${h.serverSide ? `${h.serverSide.p50} / ${h.serverSide.p99}` : "–"} | ${fmt(h.rawSql.p50, 2)} / ${fmt(h.rawSql.p99, 2)} | ${fmt((h.api.p99 ?? 0) / Math.max(0.001, h.rawSql.p99 ?? 0), 1)}× | ${h.wrongPages} | ${fmt(h.insertRowsPerSecond, 0)} |`);

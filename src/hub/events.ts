@@ -21,12 +21,20 @@ const targets: Record<EventCase, string | undefined> = {
  */
 export const hubJsonOptions = { alwaysEmitImplicit: true } as const;
 
+/** Invocation records by event: one event reaches many connections, and is encoded once for all. */
+const invocations = new WeakMap<Notification, string>();
+
 /** The invocation record that delivers a notification, or undefined for events that are not forwarded. */
 export function eventInvocation(notification: Notification): string | undefined {
   const eventCase = notification.event.case;
   const target = eventCase && targets[eventCase];
   if (!eventCase || !target) return undefined;
-  const json = toJson(NotificationSchema, notification, hubJsonOptions) as JsonObject;
-  // The oneof member's JSON name is its lowerCamelCase field name, the same as the case.
-  return invocationMessage(target, [json[eventCase] ?? {}]);
+  let invocation = invocations.get(notification);
+  if (invocation === undefined) {
+    const json = toJson(NotificationSchema, notification, hubJsonOptions) as JsonObject;
+    // The oneof member's JSON name is its lowerCamelCase field name, the same as the case.
+    invocation = invocationMessage(target, [json[eventCase] ?? {}]);
+    invocations.set(notification, invocation);
+  }
+  return invocation;
 }

@@ -110,6 +110,35 @@ test("subscribe - ReadUpdated reaches the same user's other streams; heartbeats 
   laptop.close();
 });
 
+test("subscribe - a chat's messages arrive in sequence order, also when many are sent at once", async () => {
+  const tenant = uniqueTenant();
+  const senders = await Promise.all(["alice", "carol", "dave", "erin"].map((u) => user(tenant, u, "connect-http2")));
+  const bob = await user(tenant, "bob");
+  const { chat } = await senders[0]!.chats.createChat({ name: "burst", memberIds: ["bob", "carol", "dave", "erin"] });
+  const chatId = chat!.id;
+  const stream = subscribe(bob);
+  try {
+    assert.is((await stream.next()).event.case, "ready");
+    // 16 sends in flight at once: their replies come back from the database in any order.
+    const total = 300;
+    let sent = 0;
+    await Promise.all(Array.from({ length: 16 }, async (_, i) => {
+      while (sent < total) {
+        sent++;
+        await senders[i % senders.length]!.messages.sendMessage({ chatId, text: `m${sent}` });
+      }
+    }));
+    const sequences: number[] = [];
+    while (sequences.length < total) {
+      const n = await stream.next();
+      if (n.event.case === "messageCreated") sequences.push(Number(n.event.value.sequence));
+    }
+    assert.equal(sequences, Array.from({ length: total }, (_, i) => i + 1));
+  } finally {
+    stream.close();
+  }
+});
+
 test("watch - replays history, then live, gap-free even while sends race the replay", async () => {
   const tenant = uniqueTenant();
   const alice = await user(tenant, "alice");

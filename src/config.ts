@@ -26,8 +26,6 @@ export interface Config {
   /** Concurrent Subscribe/WatchMessages/hub streams per user and instance. */
   maxStreamsPerUser: number;
   heartbeatSeconds: number;
-  /** SendMessage calls in progress on this instance beyond which new ones are refused (load shedding). */
-  maxPendingSends: number;
   /** Events a stream may fall behind before it is closed (Subscribe, hub) or resynchronised (WatchMessages). */
   streamQueueLimit: number;
   maxRequestBytes: number;
@@ -130,7 +128,6 @@ export function loadConfig(env: Env = process.env): Config {
     maxStreamsPerUser: integer(env, "PARLEY_MAX_STREAMS_PER_USER", 100, 1, 1_000_000),
     heartbeatSeconds: number(env, "PARLEY_HEARTBEAT_SECONDS", 25, 0.05, 3600),
     streamQueueLimit: integer(env, "PARLEY_STREAM_QUEUE_LIMIT", 1000, 1, 1_000_000),
-    maxPendingSends: integer(env, "PARLEY_MAX_PENDING_SENDS", 128, 1, 1_000_000),
     maxRequestBytes: integer(env, "PARLEY_MAX_REQUEST_BYTES", 1024 * 1024, 1024, 64 * 1024 * 1024),
     shutdownTimeoutSeconds: number(env, "PARLEY_SHUTDOWN_TIMEOUT_SECONDS", 10, 0, 600),
     logLevel,

@@ -35,13 +35,6 @@ export class ResourceExhaustedError extends Error {
 
 export class UnavailableError extends Error {}
 
-/** This instance is at capacity and refuses more work at once rather than queue it for seconds. */
-export class OverloadedError extends Error {
-  constructor(message: string, readonly retryAfterMs: number) {
-    super(message);
-  }
-}
-
 /** Connection-level failures of PostgreSQL or NATS: the caller may retry. */
 const unavailableErrorCodes = new Set([
   "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "EPIPE", "ENOTFOUND", "EHOSTUNREACH",
@@ -83,10 +76,6 @@ export function toConnectError(error: unknown, log: Logger): ConnectError {
         ? []
         : [{ desc: RetryInfoSchema, value: create(RetryInfoSchema, { retryDelay: duration(error.retryAfterMs) }) }];
     return new ConnectError(error.message, Code.ResourceExhausted, undefined, details);
-  }
-  if (error instanceof OverloadedError) {
-    const retry = create(RetryInfoSchema, { retryDelay: duration(error.retryAfterMs) });
-    return new ConnectError(error.message, Code.Unavailable, undefined, [{ desc: RetryInfoSchema, value: retry }]);
   }
   if (isUnavailable(error)) {
     log.warn({ err: describe(error) }, "dependency unavailable");

@@ -83,8 +83,7 @@ export async function startServer(config: Config, log: Logger = createLogger(con
     messages: new Messages(
       new MessageStore(db), members, events, fanout, subjects, pageTokens,
       new RateLimiter(config.sendRatePerSecond, config.sendBurst), metrics,
-      { queueLimit: config.streamQueueLimit, watchResyncMs: WATCH_RESYNC_MS, storageTimeoutMs, maxPendingSends: config.maxPendingSends },
-      streamSlots,
+      { queueLimit: config.streamQueueLimit, watchResyncMs: WATCH_RESYNC_MS, storageTimeoutMs }, streamSlots,
     ),
     notifications: new Notifications(members, fanout, subjects, metrics, {
       heartbeatSeconds: config.heartbeatSeconds,

@@ -71,7 +71,7 @@ function messagesService(bus: Bus, queueLimit: number) {
   return new Messages(
     new MessageStore(db), new MemberStore(db), new Events(bus, subjects, metrics, log),
     new Fanout(bus, metrics, log), subjects, new PageTokens(Buffer.alloc(32)),
-    new RateLimiter(1e9, 1e9), metrics, { queueLimit, watchResyncMs: 200, storageTimeoutMs: 5000, maxPendingSends: 1000 }, new StreamSlots(10),
+    new RateLimiter(1e9, 1e9), metrics, { queueLimit, watchResyncMs: 200, storageTimeoutMs: 5000 }, new StreamSlots(10),
   );
 }
 

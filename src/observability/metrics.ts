@@ -32,11 +32,6 @@ export class Metrics {
     help: "Messages stored",
     registers: [this.registry],
   });
-  readonly sendsRefused = new Counter({
-    name: "parley_sends_refused_total",
-    help: "SendMessage calls refused with UNAVAILABLE because PARLEY_MAX_PENDING_SENDS were in progress",
-    registers: [this.registry],
-  });
   readonly publishFailures = new Counter({
     name: "parley_bus_publish_failures_total",
     help: "Events that could not be published after commit (clients catch up by sequence)",

@@ -8,7 +8,7 @@ import type { Notification } from "../../gen/parley/v1/notification_pb.js";
 import type { Caller } from "../auth/caller.js";
 import type { Fanout } from "../bus/fanout.js";
 import type { Subjects } from "../bus/subjects.js";
-import { NotFoundError, OverloadedError } from "../errors.js";
+import { NotFoundError } from "../errors.js";
 import type { Metrics } from "../observability/metrics.js";
 import type { MemberStore } from "../store/member-store.js";
 import type { MessageQuery, MessageStore, SendResult } from "../store/message-store.js";
@@ -24,7 +24,7 @@ import { MAX_TEXT_LENGTH, RequestCheck } from "./validate.js";
 /** Rows read per query while replaying history into a watch stream. */
 const REPLAY_BATCH = 500;
 
-export interface MessageLimits {
+export interface StreamLimits {
   /** Events a stream may fall behind before it must recover (see EventQueue). */
   queueLimit: number;
   /**
@@ -34,12 +34,7 @@ export interface MessageLimits {
   watchResyncMs: number;
   /** How long a stream waits for storage before its first message (see withDeadline). */
   storageTimeoutMs: number;
-  /** Sends in progress beyond which new ones are refused (see sendMessage). */
-  maxPendingSends: number;
 }
-
-/** What a refused send is told to wait: about how long the sends ahead of it take. */
-const OVERLOAD_RETRY_MS = 100;
 
 export class Messages {
   constructor(
@@ -51,12 +46,11 @@ export class Messages {
     private readonly pageTokens: PageTokens,
     private readonly rateLimiter: RateLimiter,
     private readonly metrics: Metrics,
-    private readonly limits: MessageLimits,
+    private readonly limits: StreamLimits,
     private readonly streamSlots: StreamSlots,
   ) {}
 
   private readonly publishOrder = new PublishOrder();
-  private pendingSends = 0;
 
   async sendMessage(caller: Caller, req: SendMessageRequest) {
     const check = new RequestCheck();
@@ -65,33 +59,22 @@ export class Messages {
     const clientMessageId = check.clientMessageId("client_message_id", req.clientMessageId);
     check.done();
     this.rateLimiter.take(`${caller.tenantId}\u0000${caller.userId}`);
-    // Beyond capacity, sends would wait in queues for seconds; refusing at once lets clients back off
-    // (UNAVAILABLE is retryable, and client_message_id makes the retry safe).
-    if (this.pendingSends >= this.limits.maxPendingSends) {
-      this.metrics.sendsRefused.inc();
-      throw new OverloadedError(`server busy: ${this.limits.maxPendingSends} sends in progress, retry shortly`, OVERLOAD_RETRY_MS);
-    }
-    this.pendingSends++;
+    const turn = this.publishOrder.enter(`${caller.tenantId}\u0000${chatId}`);
+    let sent: SendResult;
     try {
-      const turn = this.publishOrder.enter(`${caller.tenantId}\u0000${chatId}`);
-      let sent: SendResult;
-      try {
-        sent = await this.store.send(caller.tenantId, chatId, uuidv7(), caller.userId, text, clientMessageId, caller.signal);
-      } catch (error) {
-        turn.skip();
-        throw error;
-      }
-      const { message, duplicate } = sent;
-      if (duplicate) {
-        turn.skip();
-      } else {
-        this.metrics.messagesSent.inc();
-        await turn.publish(message.sequence, () => this.events.messageCreated(caller.tenantId, message));
-      }
-      return create(SendMessageResponseSchema, { message });
-    } finally {
-      this.pendingSends--;
+      sent = await this.store.send(caller.tenantId, chatId, uuidv7(), caller.userId, text, clientMessageId, caller.signal);
+    } catch (error) {
+      turn.skip();
+      throw error;
     }
+    const { message, duplicate } = sent;
+    if (duplicate) {
+      turn.skip();
+    } else {
+      this.metrics.messagesSent.inc();
+      await turn.publish(message.sequence, () => this.events.messageCreated(caller.tenantId, message));
+    }
+    return create(SendMessageResponseSchema, { message });
   }
 
   async listMessages(caller: Caller, req: ListMessagesRequest) {

@@ -1,3 +1,4 @@
+import { setMaxListeners } from "node:events";
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { WebSocket, type RawData } from "ws";
@@ -107,7 +108,9 @@ export class HubConnection {
       this.send(handshakeResponse() + closeMessage(`Unauthorized: ${this.auth.message}`));
       return this.closeSocket(1008, "unauthorized");
     }
-    // Invocations stop their queries when the connection ends.
+    // Invocations stop their queries when the connection ends. Each running query listens to this one
+    // signal, so Node's warning about many listeners would be a false alarm.
+    setMaxListeners(0, this.subscription.signal);
     this.caller = { ...this.auth, signal: this.subscription.signal };
     this.send(handshakeResponse());
     this.ping = setInterval(() => this.send(PING), this.deps.settings.keepAliveMs);

@@ -67,15 +67,20 @@ export type Cancellable = <T extends readonly postgres.MaybeRow[]>(
 
 /** The parts of postgres.js's Query that cancelling needs (not in its typings). */
 interface QueryInternals {
-  /** Set once the query is handed to a connection; before that it only waits in the pool's queue. */
+  /** Set (non-null) once the query is handed to a connection; before that it waits in the pool's queue. */
   state?: unknown;
+  /** The query the connection is running, not one pipelined behind it. */
+  active?: boolean;
   canceller?: ((query: unknown) => Promise<void>) | null;
 }
 
 /**
- * A query still queued in the pool is simply dropped; one already sent is cancelled in the server
- * with a cancel request on a new connection, which PGlite's single-connection socket cannot take
- * (running: false). Its statements are short anyway: with one connection nothing waits on a lock.
+ * A query still queued in the pool is simply dropped. The one a connection is running is cancelled in
+ * the server with a cancel request on a new connection (running: true), which PGlite's single-connection
+ * socket cannot take. A query pipelined behind another on a connection is left alone: postgres.js
+ * would send its cancel only once it runs and hand its reply to the query after it. (A cancel request
+ * that arrives just after its statement finished may hit the connection's next statement, which then
+ * fails with UNAVAILABLE: PostgreSQL's cancel protocol cannot tell them apart.)
  */
 function cancellableQueries(running: boolean): Cancellable {
   return async (query, signal) => {
@@ -83,7 +88,8 @@ function cancellableQueries(running: boolean): Cancellable {
     signal.throwIfAborted();
     const cancel = () => {
       const internals = query as unknown as QueryInternals;
-      if (!running && internals.state !== undefined) return;
+      const queued = internals.state == null;
+      if (!queued && !(running && internals.active === true)) return;
       // postgres.js drops the promise of its cancel request, so a refused connection (database down)
       // would be an unhandled rejection: settle it here.
       const canceller = internals.canceller;

@@ -73,7 +73,8 @@ function envelopeOf<Desc extends DescMessage>(schema: Desc, message: MessageShap
 
 /** Writes; while the response is over its buffer limit (flow control), waits as Connect would. */
 async function writeEnvelope(res: NodeResponse, envelope: Uint8Array, signal: AbortSignal): Promise<void> {
-  if (signal.aborted || res.destroyed || res.writableEnded) return;
+  const destroyed = res instanceof http2.Http2ServerResponse ? res.stream.destroyed : res.destroyed;
+  if (signal.aborted || destroyed || res.writableEnded) return;
   if ((res as http.ServerResponse).write(envelope)) return;
   await new Promise<void>((resolve) => {
     const done = () => {

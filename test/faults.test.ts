@@ -471,8 +471,6 @@ class RawGrpcStream<S extends DescMessage> {
   grpcMessage: string | undefined;
   rstCode: number | undefined;
   closed = false;
-  /** When the stream closed (RST, trailers or connection loss) — while the test was not reading, too. */
-  closedAt: number | undefined;
   private buffer = Buffer.alloc(0);
 
   constructor(url: string, path: string, token: string, request: Uint8Array, private readonly schema: S, windowSize = 16 * 1024) {
@@ -491,17 +489,14 @@ class RawGrpcStream<S extends DescMessage> {
     this.stream.on("data", (chunk: Buffer) => this.onData(chunk));
     this.stream.on("close", () => {
       this.closed = true;
-      this.closedAt ??= Date.now();
       this.rstCode = this.stream.rstCode;
     });
-    this.stream.on("aborted", () => (this.closedAt ??= Date.now()));
   }
 
   private onHeaders(headers: http2.IncomingHttpHeaders) {
     if (headers["grpc-status"] !== undefined) {
       this.grpcStatus = String(headers["grpc-status"]);
       this.grpcMessage = decodeURIComponent(String(headers["grpc-message"] ?? ""));
-      this.closedAt ??= Date.now();
     }
   }
 

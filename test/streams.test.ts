@@ -1,11 +1,11 @@
 import { test } from "uvu";
 import * as assert from "uvu/assert";
-import { Code, ConnectError, createClient, type Interceptor, type Transport } from "@connectrpc/connect";
+import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { compressionGzip, createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
 import { MessageService, type Message } from "../gen/parley/v1/message_pb.js";
 import { NotificationService, type Notification } from "../gen/parley/v1/notification_pb.js";
-import { grpcMetadata, grpcPackage, parleyClient, type ParleyClient, type Protocol } from "./support/clients.js";
+import { bearer, grpcMetadata, grpcPackage, parleyClient, type ParleyClient, type Protocol } from "./support/clients.js";
 import { startTestServer, tokenFor, uniqueTenant, type TestServer } from "./support/server.js";
 import { StreamReader } from "./support/streams.js";
 
@@ -217,11 +217,7 @@ test("streams - live events arrive intact in every protocol, codec and compressi
   const alice = await user(tenant, "alice");
   const { chat } = await alice.chats.createChat({ name: "codecs", memberIds: ["bob"] });
   const chatId = chat!.id;
-  const bobToken = await tokenFor(tenant, "bob");
-  const auth: Interceptor = (next) => (req) => {
-    req.header.set("authorization", `Bearer ${bobToken}`);
-    return next(req);
-  };
+  const auth = bearer(await tokenFor(tenant, "bob"));
   const baseUrl = server.url;
   const transports: Record<string, Transport> = {};
   for (const gzip of [false, true]) {

@@ -2,7 +2,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { ChatSchema, type Chat } from "../../gen/parley/v1/chat_pb.js";
 import { MemberSchema, type Member } from "../../gen/parley/v1/member_pb.js";
-import type { Database, Sql } from "./database.js";
+import { Store } from "./database.js";
 
 /** Keyset position in a user's chat list: most recent activity first. */
 export interface ChatCursor {
@@ -18,15 +18,7 @@ export interface ChatPage {
 // Truncated to milliseconds so a time returned to a client compares exactly with the stored one.
 const NOW = "date_trunc('milliseconds', clock_timestamp())";
 
-export class ChatStore {
-  private readonly sql: Sql;
-  private readonly cancellable: Database["cancellable"];
-
-  constructor(db: Pick<Database, "sql" | "cancellable">) {
-    this.sql = db.sql;
-    this.cancellable = db.cancellable;
-  }
-
+export class ChatStore extends Store {
   /** Creates the chat with the creator first, then the other members in the order given. */
   async create(tenant: string, chatId: string, creator: string, name: string, memberIds: string[], signal?: AbortSignal) {
     const userIds = [...new Set([creator, ...memberIds])];

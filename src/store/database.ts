@@ -65,6 +65,17 @@ export type Cancellable = <T extends readonly postgres.MaybeRow[]>(
   signal: AbortSignal | undefined,
 ) => Promise<postgres.RowList<T>>;
 
+/** What every entity store queries through: the pool, and cancellation by the request's signal. */
+export abstract class Store {
+  protected readonly sql: Sql;
+  protected readonly cancellable: Cancellable;
+
+  constructor(db: Pick<Database, "sql" | "cancellable">) {
+    this.sql = db.sql;
+    this.cancellable = db.cancellable;
+  }
+}
+
 /** The parts of postgres.js's Query that cancelling needs (not in its typings). */
 interface QueryInternals {
   /** Set (non-null) once the query is handed to a connection; before that it waits in the pool's queue. */

@@ -1,7 +1,7 @@
 import type { Member } from "../../gen/parley/v1/member_pb.js";
 import { NotFoundError, ResourceExhaustedError } from "../errors.js";
 import { toMember } from "./chat-store.js";
-import type { Database, Sql } from "./database.js";
+import { Store } from "./database.js";
 
 export interface MemberPage {
   members: Member[];
@@ -11,15 +11,7 @@ export interface MemberPage {
 
 const CHAT = "chat";
 
-export class MemberStore {
-  private readonly sql: Sql;
-  private readonly cancellable: Database["cancellable"];
-
-  constructor(db: Pick<Database, "sql" | "cancellable">) {
-    this.sql = db.sql;
-    this.cancellable = db.cancellable;
-  }
-
+export class MemberStore extends Store {
   async isMember(tenant: string, chatId: string, user: string, signal?: AbortSignal): Promise<boolean> {
     const rows = await this.cancellable(this.sql`
       SELECT 1 FROM members WHERE tenant_id = ${tenant} AND chat_id = ${chatId} AND user_id = ${user}`, signal);

@@ -2,7 +2,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { MessageSchema, type Message } from "../../gen/parley/v1/message_pb.js";
 import { NotFoundError } from "../errors.js";
-import type { Database, Sql } from "./database.js";
+import { Store } from "./database.js";
 
 export interface MessageQuery {
   /** Inclusive, ISO time. */
@@ -24,15 +24,7 @@ export interface SendResult {
   duplicate: boolean;
 }
 
-export class MessageStore {
-  private readonly sql: Sql;
-  private readonly cancellable: Database["cancellable"];
-
-  constructor(db: Pick<Database, "sql" | "cancellable">) {
-    this.sql = db.sql;
-    this.cancellable = db.cancellable;
-  }
-
+export class MessageStore extends Store {
   /**
    * Stores a message with the chat's next sequence, in one statement (one round trip). The chat row
    * lock (FOR UPDATE) orders concurrent senders: a waiting sender re-reads the row after the lock is

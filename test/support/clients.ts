@@ -13,7 +13,8 @@ const protoDir = path.join(path.dirname(fileURLToPath(import.meta.url)), "../../
 
 export type Protocol = "connect" | "connect-binary" | "grpc" | "grpc-web" | "connect-http2";
 
-function bearer(token: string): Interceptor {
+/** Sends the token as a bearer token on every call. */
+export function bearer(token: string): Interceptor {
   return (next) => (req) => {
     req.header.set("authorization", `Bearer ${token}`);
     return next(req);

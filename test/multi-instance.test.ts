@@ -1,7 +1,7 @@
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { Code, ConnectError } from "@connectrpc/connect";
-import type { Message } from "../gen/parley/v1/message_pb.js";
+import { Order, type Message } from "../gen/parley/v1/message_pb.js";
 import type { Notification } from "../gen/parley/v1/notification_pb.js";
 import { parleyClient } from "./support/clients.js";
 import { startTestServer, testDatabaseUrl, testNatsUrl, tokenFor, uniqueTenant, type TestServer } from "./support/server.js";
@@ -74,6 +74,38 @@ it("instances - membership changes made on B take effect for streams on A", asyn
   const after = (await stream.drain(500)).filter((n) => n.event.case === "messageCreated");
   assert.equal(after, []);
   stream.close();
+});
+
+it("instances - the same client_message_id sent through A and B at once is stored once, without gaps", async () => {
+  const tenant = uniqueTenant();
+  const aliceOnA = parleyClient(a.url, await tokenFor(tenant, "alice"), "grpc");
+  const aliceOnB = parleyClient(b.url, await tokenFor(tenant, "alice"), "grpc");
+  const { chat } = await aliceOnA.chats.createChat({ name: "retries on two instances" });
+  // Each instance stores concurrent sends together in one statement; the two statements race on the
+  // same client_message_ids, and a lost race must not leave a hole in the numbering.
+  const sends = [];
+  for (let i = 0; i < 150; i++) {
+    const cmid = i % 3 === 0 ? `shared-${i}` : `own-${i}`;
+    sends.push(aliceOnA.messages.sendMessage({ chatId: chat!.id, text: `a${i}`, clientMessageId: `a-${cmid}` }));
+    sends.push(aliceOnB.messages.sendMessage({ chatId: chat!.id, text: `b${i}`, clientMessageId: `b-${cmid}` }));
+    if (i % 3 === 0) {
+      sends.push(aliceOnA.messages.sendMessage({ chatId: chat!.id, text: `s${i}`, clientMessageId: cmid }));
+      sends.push(aliceOnB.messages.sendMessage({ chatId: chat!.id, text: `s${i}`, clientMessageId: cmid }));
+    }
+  }
+  const answers = (await Promise.all(sends)).map((r) => r.message!);
+  const byCmid = new Map<string, Set<string>>();
+  for (const m of answers) byCmid.set(m.clientMessageId, (byCmid.get(m.clientMessageId) ?? new Set()).add(m.id));
+  for (const [cmid, ids] of byCmid) assert.is(ids.size, 1, `${cmid}: one message for both sends`);
+  const stored: Message[] = [];
+  let pageToken = "";
+  do {
+    const page = await aliceOnA.messages.listMessages({ chatId: chat!.id, pageSize: 100, order: Order.OLDEST_FIRST, pageToken });
+    stored.push(...page.messages);
+    pageToken = page.nextPageToken;
+  } while (pageToken);
+  assert.is(stored.length, byCmid.size, "each client_message_id stored once");
+  assert.equal(stored.map((m) => m.sequence), stored.map((_, k) => BigInt(k + 1)), "sequences 1..N");
 });
 
 test.run();

@@ -119,7 +119,7 @@ export class MessageStore extends Store {
     for (const send of sends) send.statement = statement;
     let rows: Record<string, unknown>[];
     try {
-      rows = await this.cancellable(this.insertStatement(sends), statement.cancel.signal);
+      rows = await this.cancellable(sends.length === 1 ? this.insertOne(sends[0]!) : this.insertMany(sends), statement.cancel.signal);
     } catch (error) {
       // Two statements raced on one client_message_id (the unique index refused the later row): all of
       // this one rolled back, so store its sends one by one, where a conflict only skips that send.
@@ -142,15 +142,46 @@ export class MessageStore extends Store {
   }
 
   /**
-   * One statement stores the sends: each chat's row is locked (in id order, so statements never
-   * deadlock) and numbers its new messages from last_sequence in arrival order. A waiting statement
-   * re-reads a locked row once it is released, and a statement that fails changes nothing, so sequences
-   * stay 1..N without gaps. A sender that is not a member, or a repeated client_message_id, stores
-   * nothing and takes no number.
+   * A send alone: the chat row lock (FOR UPDATE) orders concurrent senders; a waiting sender re-reads
+   * the row after the lock is released and gets the next number, and a statement that fails changes
+   * nothing, so sequences stay 1..N without gaps. A repeated client_message_id hits the unique index and
+   * inserts nothing, as does a sender who is not a member.
    */
-  private insertStatement(sends: PendingSend[]) {
-    const sql = this.sql;
-    return sql`
+  private insertOne(send: PendingSend) {
+    const { tenant, chatId, messageId, sender, text, clientMessageId } = send;
+    return this.sql`
+      WITH chat AS (
+        SELECT c.last_sequence, c.last_message_time FROM chats c
+        JOIN members m ON m.tenant_id = c.tenant_id AND m.chat_id = c.id AND m.user_id = ${sender}
+        WHERE c.tenant_id = ${tenant} AND c.id = ${chatId}
+        FOR UPDATE OF c
+      ), inserted AS (
+        -- Never earlier than the previous message, so time order equals sequence order within a chat.
+        INSERT INTO messages (tenant_id, chat_id, sequence, id, sender_id, text, create_time, client_message_id)
+        SELECT ${tenant}, ${chatId}, chat.last_sequence + 1, ${messageId}, ${sender}, ${text},
+               greatest(date_trunc('milliseconds', clock_timestamp()), chat.last_message_time), ${clientMessageId}
+        FROM chat
+        ON CONFLICT (tenant_id, chat_id, sender_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING
+        RETURNING *
+      ), chat_update AS (
+        UPDATE chats c SET last_sequence = i.sequence, last_message_time = i.create_time, activity_time = i.create_time
+        FROM inserted i WHERE c.tenant_id = ${tenant} AND c.id = ${chatId}
+      ), read_update AS (
+        UPDATE members m SET read_sequence = i.sequence
+        FROM inserted i WHERE m.tenant_id = ${tenant} AND m.chat_id = ${chatId} AND m.user_id = ${sender}
+      )
+      SELECT * FROM inserted`;
+  }
+
+  /**
+   * Sends that queued up behind a running statement, in one: each chat's row is locked (in id order, so
+   * statements never deadlock) and numbers its new messages from last_sequence in arrival order. A
+   * sender who is not a member, or a repeated client_message_id, stores nothing and takes no number. A
+   * concurrent statement may commit the same client_message_id after this one's snapshot: skipping that
+   * row would leave a gap, so the unique index fails the whole statement instead (see store()).
+   */
+  private insertMany(sends: PendingSend[]) {
+    return this.sql`
       WITH input AS (
         SELECT * FROM unnest(
           ${sends.map((s) => s.tenant)}::text[], ${sends.map((s) => s.chatId)}::uuid[], ${sends.map((s) => s.messageId)}::uuid[],
@@ -159,28 +190,28 @@ export class MessageStore extends Store {
       ), chat AS (
         -- One time for the chat's new messages, never earlier than its previous message: time order
         -- equals sequence order within a chat.
-        SELECT c.tenant_id, c.id, c.last_sequence,
-               greatest(date_trunc('milliseconds', clock_timestamp()), c.last_message_time) AS message_time
-        FROM chats c
-        WHERE (c.tenant_id, c.id) IN (SELECT tenant_id, chat_id FROM input)
-        ORDER BY c.tenant_id, c.id
-        FOR UPDATE
+        SELECT locked.* FROM (SELECT DISTINCT tenant_id, chat_id FROM input ORDER BY tenant_id, chat_id) k,
+        LATERAL (
+          SELECT c.tenant_id, c.id, c.last_sequence,
+                 greatest(date_trunc('milliseconds', clock_timestamp()), c.last_message_time) AS message_time
+          FROM chats c WHERE c.tenant_id = k.tenant_id AND c.id = k.chat_id
+          FOR UPDATE
+        ) locked
       ), accepted AS (
+        -- The checks are scalar subqueries, so that each is one index probe per send whatever the
+        -- planner guesses about the batch's size.
         SELECT i.*, chat.last_sequence + row_number() OVER (PARTITION BY i.tenant_id, i.chat_id ORDER BY i.arrival) AS sequence,
                chat.message_time AS create_time
         FROM input i
         JOIN chat ON chat.tenant_id = i.tenant_id AND chat.id = i.chat_id
-        JOIN members m ON m.tenant_id = i.tenant_id AND m.chat_id = i.chat_id AND m.user_id = i.sender_id
-        WHERE i.client_message_id IS NULL OR NOT EXISTS (
-          SELECT 1 FROM messages earlier
-          WHERE earlier.tenant_id = i.tenant_id AND earlier.chat_id = i.chat_id
-            AND earlier.sender_id = i.sender_id AND earlier.client_message_id = i.client_message_id)
+        WHERE (SELECT true FROM members m WHERE m.tenant_id = i.tenant_id AND m.chat_id = i.chat_id AND m.user_id = i.sender_id)
+          AND (i.client_message_id IS NULL OR (
+            SELECT true FROM messages earlier
+            WHERE earlier.tenant_id = i.tenant_id AND earlier.chat_id = i.chat_id
+              AND earlier.sender_id = i.sender_id AND earlier.client_message_id = i.client_message_id) IS NULL)
       ), inserted AS (
         INSERT INTO messages (tenant_id, chat_id, sequence, id, sender_id, text, create_time, client_message_id)
         SELECT tenant_id, chat_id, sequence, id, sender_id, text, create_time, client_message_id FROM accepted
-        -- A concurrent statement may commit the same client_message_id after this one's snapshot. Alone,
-        -- the send then just stores nothing; in a batch, skipping a row would leave a gap, so it fails.
-        ${sends.length === 1 ? sql`ON CONFLICT (tenant_id, chat_id, sender_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING` : sql``}
         RETURNING *
       ), chat_update AS (
         UPDATE chats c SET last_sequence = last.sequence, last_message_time = last.create_time, activity_time = last.create_time

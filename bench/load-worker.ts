@@ -2,8 +2,9 @@
  * One client-load process, driven by bench/run.ts over IPC ({id, cmd, args} → {id, ok, result}).
  * It holds Subscribe streams (receivers), sends messages (open loop at a rate, or closed loop at a
  * concurrency), runs history queries and the raw PostgreSQL / NATS / WebSocket ceilings. Every client
- * speaks gRPC over HTTP/2 (Connect-es gRPC transport) with many streams multiplexed on a few
- * connections; the bearer token goes in each call's headers, so one connection carries many users.
+ * speaks gRPC over HTTP/2 with many streams multiplexed on a few connections; the bearer token goes in
+ * each call's headers, so one connection carries many users. The measured calls (Subscribe, SendMessage,
+ * ListMessages) use the lean client in lib/raw-grpc.ts; set-up calls use Connect-es.
  */
 import crypto from "node:crypto";
 import path from "node:path";
@@ -16,9 +17,9 @@ import postgres from "postgres";
 import { v7 as uuidv7 } from "uuid";
 import WebSocket from "ws";
 import { ChatService } from "../gen/parley/v1/chat_pb.js";
-import { MessageService, Order } from "../gen/parley/v1/message_pb.js";
-import { NotificationService, type Notification } from "../gen/parley/v1/notification_pb.js";
+import { MessageService } from "../gen/parley/v1/message_pb.js";
 import { Histogram, type HistogramData } from "./lib/hist.js";
+import { GrpcError, newestMessagesRequest, RawGrpc, readMessagePage, readNotification, sendMessageRequest, sentMessageId, subscribeRequest, type NotificationSummary } from "./lib/raw-grpc.js";
 
 const workerName = process.argv[2] ?? "worker";
 const secret = new TextEncoder().encode(process.env.BENCH_JWT_SECRET ?? "");
@@ -33,7 +34,6 @@ class Pool {
   readonly managers: Http2SessionManager[] = [];
   readonly chats: Client<typeof ChatService>[] = [];
   readonly messages: Client<typeof MessageService>[] = [];
-  readonly notifications: Client<typeof NotificationService>[] = [];
 
   constructor(baseUrl: string, connections: number) {
     for (let i = 0; i < connections; i++) {
@@ -46,7 +46,6 @@ class Pool {
       this.managers.push(manager);
       this.chats.push(createClient(ChatService, transport));
       this.messages.push(createClient(MessageService, transport));
-      this.notifications.push(createClient(NotificationService, transport));
     }
   }
 
@@ -73,6 +72,7 @@ async function bearer(tenant: string, user: string): Promise<string> {
 }
 
 function codeOf(error: unknown): string {
+  if (error instanceof GrpcError) return error.code;
   const code = ConnectError.from(error).code;
   return Code[code] ?? String(code);
 }
@@ -129,16 +129,15 @@ interface Stream {
   ready: Promise<boolean>;
 }
 let streams: Stream[] = [];
-let receiverPools: Pool[] = [];
+let receiverPools: RawGrpc[] = [];
 /** Messages received per chat, summed over this worker's streams. */
 const receivedByChat = new Map<string, number>();
 
-function onNotification(stream: Stream, n: Notification): void {
-  const event = n.event;
-  if (event.case === "messageCreated") {
+function onNotification(stream: Stream, n: NotificationSummary): void {
+  if (n.kind === "messageCreated") {
     const now = clock();
-    const value = event.value;
-    const sequence = Number(value.sequence);
+    const value = n;
+    const sequence = value.sequence;
     let seen = stream.seen.get(value.chatId);
     if (!seen) stream.seen.set(value.chatId, (seen = { max: 0, missing: new Set() }));
     let duplicate = false;
@@ -156,7 +155,7 @@ function onNotification(stream: Stream, n: Notification): void {
     totals.messages++;
     if (duplicate) totals.dups++;
     else receivedByChat.set(value.chatId, (receivedByChat.get(value.chatId) ?? 0) + 1);
-    const text = value.message?.text;
+    const text = value.text;
     if (!text) {
       totals.noBody++;
       return;
@@ -175,11 +174,10 @@ function onNotification(stream: Stream, n: Notification): void {
     countMessage(stats, Number(text.slice(b + 1, c)));
     if (stats.first === 0) stats.first = now;
     stats.last = now;
-  } else if (event.case === "heartbeat") {
+  } else if (n.kind === "heartbeat") {
     totals.heartbeats++;
-  } else if (event.case !== "ready") {
-    const kind = event.case ?? "unknown";
-    totals.otherEvents[kind] = (totals.otherEvents[kind] ?? 0) + 1;
+  } else if (n.kind !== "ready") {
+    totals.otherEvents[n.kind] = (totals.otherEvents[n.kind] ?? 0) + 1;
   }
 }
 
@@ -193,27 +191,26 @@ function countMessage(stats: PhaseStats, i: number): void {
   stats.perMessage[i]! += 1;
 }
 
-function openStream(pool: Pool, index: number, tenant: string, user: string, includeMessages: boolean, reopen: boolean): Stream {
+const subscribePath = "/parley.v1.NotificationService/Subscribe";
+
+function openStream(pool: RawGrpc, index: number, tenant: string, user: string, includeMessages: boolean, reopen: boolean): Stream {
   let markReady: (ok: boolean) => void = () => {};
   const stream: Stream = {
     tenant, user, abort: new AbortController(), closed: false, failures: 0, seen: new Map(),
     ready: new Promise<boolean>((resolve) => (markReady = resolve)),
   };
-  const client = pool.notifications[index % pool.notifications.length]!;
+  const request = subscribeRequest(includeMessages);
   void (async () => {
     const authorization = await bearer(tenant, user);
     for (let attempt = 0; !stream.closed; attempt++) {
       const abort = new AbortController();
       stream.abort = abort;
-      let failure = "ended by server";
-      try {
-        for await (const n of client.subscribe({ includeMessages }, { headers: { authorization }, signal: abort.signal })) {
-          if (n.event.case === "ready") markReady(true);
-          else onNotification(stream, n);
-        }
-      } catch (error) {
-        failure = codeOf(error);
-      }
+      const error = await pool.serverStream(subscribePath, request, authorization, abort.signal, (bytes) => {
+        const n = readNotification(bytes);
+        if (n.kind === "ready") markReady(true);
+        else onNotification(stream, n);
+      });
+      const failure = error?.code ?? "ended by server";
       if (stream.closed) break;
       stream.failures++;
       totals.streamErrors[failure] = (totals.streamErrors[failure] ?? 0) + 1;
@@ -239,7 +236,7 @@ interface SubscribeArgs {
 
 async function subscribe(args: SubscribeArgs) {
   const started = performance.now();
-  const pool = new Pool(args.baseUrl, args.connections);
+  const pool = new RawGrpc(args.baseUrl, args.connections);
   receiverPools.push(pool);
   for (const user of args.users) await bearer(args.tenant, user);
   let ready = 0;
@@ -314,13 +311,16 @@ function counts(args: { phases: string[] }) {
 // ---------------------------------------------------------------------------------------------
 // Senders
 
-let senderPool: { baseUrl: string; pool: Pool } | undefined;
-function senders(baseUrl: string, connections: number): Pool {
-  if (senderPool && senderPool.baseUrl === baseUrl && senderPool.pool.managers.length === connections) return senderPool.pool;
+let senderPool: { baseUrl: string; pool: Pool; raw: RawGrpc } | undefined;
+/** Connect clients for set-up calls, and the lean client for the measured sends. */
+function senders(baseUrl: string, connections: number): { pool: Pool; raw: RawGrpc } {
+  if (senderPool && senderPool.baseUrl === baseUrl && senderPool.pool.managers.length === connections) return senderPool;
   senderPool?.pool.close();
-  senderPool = { baseUrl, pool: new Pool(baseUrl, connections) };
-  return senderPool.pool;
+  senderPool?.raw.close();
+  senderPool = { baseUrl, pool: new Pool(baseUrl, connections), raw: new RawGrpc(baseUrl, connections) };
+  return senderPool;
 }
+const sendPath = "/parley.v1.MessageService/SendMessage";
 
 /** Accepted messages kept for the SQL check, by key (one key per scenario). */
 const kept = new Map<string, { ids: string[]; chats: string[]; texts: string[] }>();
@@ -342,7 +342,7 @@ interface SendArgs {
 }
 
 async function send(args: SendArgs) {
-  const pool = senders(args.baseUrl, args.connections);
+  const { raw } = senders(args.baseUrl, args.connections);
   for (const chat of args.chats) for (const member of chat.members) await bearer(args.tenant, member);
   const keep = kept.get(args.keepKey) ?? { ids: [], chats: [], texts: [] };
   kept.set(args.keepKey, keep);
@@ -367,13 +367,12 @@ async function send(args: SendArgs) {
     const chat = args.chats[i % args.chats.length]!;
     const sender = chat.members[Math.floor(i / args.chats.length) % chat.members.length]!;
     const authorization = tokens.get(`${args.tenant}\u0000${sender}`)!;
-    const client = pool.messages[i % pool.messages.length]!;
     attempted++;
     inFlight++;
     const t0 = clock();
     const text = `${args.phase}|${t0.toFixed(3)}|${i}|${padding}`;
     try {
-      const res = await client.sendMessage({ chatId: chat.id, text }, { headers: { authorization }, timeoutMs: args.timeoutMs });
+      const response = await raw.unary(sendPath, sendMessageRequest(chat.id, text), authorization, args.timeoutMs);
       const t1 = clock();
       hist.record(t1 - t0);
       accepted++;
@@ -386,7 +385,7 @@ async function send(args: SendArgs) {
       accepted16[i] = (i % args.chats.length) + 1;
       const second = Math.floor((t1 - started) / 1000);
       perSecond[second] = (perSecond[second] ?? 0) + 1;
-      keep.ids.push(res.message!.id);
+      keep.ids.push(sentMessageId(response));
       keep.chats.push(chat.id);
       keep.texts.push(text);
     } catch (error) {
@@ -436,7 +435,7 @@ async function send(args: SendArgs) {
 }
 
 async function createChats(args: { baseUrl: string; tenant: string; groups: string[][]; concurrency: number; name: string }) {
-  const pool = senders(args.baseUrl, Math.max(1, senderPool?.pool.managers.length ?? 2));
+  const { pool } = senders(args.baseUrl, Math.max(1, senderPool?.pool.managers.length ?? 2));
   const ids: string[] = new Array(args.groups.length);
   let next = 0;
   await Promise.all(
@@ -502,20 +501,22 @@ async function verify(args: { databaseUrl: string; tenant: string; keepKey: stri
 // ---------------------------------------------------------------------------------------------
 // History
 
+const listPath = "/parley.v1.MessageService/ListMessages";
+
 async function history(args: { baseUrl: string; databaseUrl: string; tenant: string; user: string; chatId: string; queries: number; warmup: number; pageSize: number; lastSequence: number }) {
-  const pool = new Pool(args.baseUrl, 1);
+  const client = new RawGrpc(args.baseUrl, 1);
   const sql = postgres(args.databaseUrl, { max: 1, onnotice: () => {}, connect_timeout: 10, types: { bigint: postgres.BigInt } });
   try {
     const authorization = await bearer(args.tenant, args.user);
-    const client = pool.messages[0]!;
+    const request = newestMessagesRequest(args.chatId, args.pageSize);
     const api = new Histogram();
     let wrong = 0;
     for (let i = 0; i < args.warmup + args.queries; i++) {
       const t0 = performance.now();
-      const res = await client.listMessages({ chatId: args.chatId, pageSize: args.pageSize, order: Order.NEWEST_FIRST }, { headers: { authorization }, timeoutMs: 10_000 });
+      const page = readMessagePage(await client.unary(listPath, request, authorization, 10_000));
       const ms = performance.now() - t0;
       if (i >= args.warmup) api.record(ms);
-      if (res.messages.length !== args.pageSize || Number(res.messages[0]!.sequence) !== args.lastSequence) wrong++;
+      if (page.count !== args.pageSize || page.firstSequence !== args.lastSequence) wrong++;
     }
     // The statement Parley runs (the page, with the membership check inside), straight from postgres.js.
     const raw = new Histogram();
@@ -533,7 +534,7 @@ async function history(args: { baseUrl: string; databaseUrl: string; tenant: str
     );
     return { api: api.toJSON(), raw: raw.toJSON(), wrongPages: wrong, plan: plan.map((r) => r["QUERY PLAN"] as string) };
   } finally {
-    pool.close();
+    client.close();
     await sql.end({ timeout: 5 });
   }
 }
@@ -736,6 +737,7 @@ const commands: Record<string, (args: any) => unknown> = {
   forget: (args: { keepKey: string }) => ({ forgotten: kept.delete(args.keepKey) }),
   closeSenders: () => {
     senderPool?.pool.close();
+    senderPool?.raw.close();
     senderPool = undefined;
     return {};
   },

@@ -77,7 +77,7 @@ const results: Results = {
   },
   plan,
   clientNote:
-    "Clients: every user holds one `NotificationService.Subscribe(include_messages=true)` stream over gRPC (Connect-es gRPC transport, HTTP/2); " +
+    "Clients: every user holds one `NotificationService.Subscribe(include_messages=true)` stream over gRPC (HTTP/2; a lean client on node:http2 that decodes only the fields checked, bench/lib/raw-grpc.ts, so the load generators take less of the shared cores: Connect-es's client pipeline cost about as much CPU as the server); " +
     `the ${plan.receiverConnectionsPerWorker * 2} receiving HTTP/2 connections (${plan.receiverConnectionsPerWorker} per worker, 2 worker processes) multiplex all streams, ` +
     `the bearer token travels per call. Senders (1 worker process, ${plan.senderConnections} HTTP/2 connections) call SendMessage as a random member of a chat chosen round robin, ` +
     `open loop at the offered rate (at most 1,000 in flight, beyond that a send is counted as shed) or closed loop for saturation. Each message text (${plan.textBytes} bytes) carries its send time; ` +

@@ -44,6 +44,8 @@ import { createOnePortServer } from "./transport/one-port.js";
 /** How often a quiet WatchMessages stream re-checks storage and membership. */
 const WATCH_RESYNC_MS = 15_000;
 const MAX_HEADER_BYTES = 256 * 1024;
+/** After shutdown began, how long a stream may take to end before it is cut off at the transport. */
+const STALLED_STREAM_GRACE_MS = 1000;
 
 export interface ParleyServer {
   /** The port actually bound (useful with PARLEY_PORT=0). */
@@ -219,6 +221,8 @@ export async function startServer(config: Config, log: Logger = createLogger(con
         const unavailable = new ConnectError("server shutting down, reconnect", Code.Unavailable);
         shutdown.abort(unavailable);
         streamSlots.closeAll(unavailable);
+        // Streams end at once; one still open a moment later has a client that stopped reading.
+        const stalled = setTimeout(() => streamSlots.cutOffAll(unavailable), STALLED_STREAM_GRACE_MS);
         const hubClosed = hub.close();
         for (const [socket, count] of inFlight) if (count === 0) socket.destroySoon();
         const deadline = setTimeout(() => {
@@ -231,6 +235,7 @@ export async function startServer(config: Config, log: Logger = createLogger(con
         await closeWhenIdle(connections);
         await stopped;
         clearTimeout(deadline);
+        clearTimeout(stalled);
         await bus.close();
         await db.close();
         log.info("stopped");

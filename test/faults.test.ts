@@ -671,6 +671,37 @@ it("slow consumers - a WatchMessages client that stops reading resyncs from stor
   }
 });
 
+it("slow consumers - a Subscribe client that stopped reading does not hold up shutdown: reset with REFUSED_STREAM (UNAVAILABLE)", async () => {
+  // A long shutdown timeout, so that waiting for it would show; a queue that never overflows, so
+  // that nothing but the shutdown ends the stuck stream.
+  const server = await startTestServer({
+    ...NO_RATE_LIMIT, PARLEY_HEARTBEAT_SECONDS: "3600", PARLEY_STREAM_QUEUE_LIMIT: "100000", PARLEY_SHUTDOWN_TIMEOUT_SECONDS: "60",
+  });
+  let stuck: RawGrpcStream<typeof NotificationSchema> | undefined;
+  try {
+    const tenant = uniqueTenant("stuckstop");
+    const alice = await user(server.url, tenant, "alice", "connect-http2");
+    const { chat } = await alice.chats.createChat({ name: "firehose", memberIds: ["mallory"] });
+    stuck = new RawGrpcStream(server.url, "/parley.v1.NotificationService/Subscribe", await tokenFor(tenant, "mallory"),
+      toBinary(SubscribeRequestSchema, create(SubscribeRequestSchema, { includeMessages: true })), NotificationSchema, 8 * 1024);
+    await until("the stuck subscriber's Ready", () => stuck!.items.length > 0, 10_000);
+    stuck.pause();
+    // 100 events of ~8 KiB: far more than the 8 KiB window and the stream's write buffer take.
+    const text = "ж".repeat(4096);
+    for (let i = 0; i < 100; i++) await alice.messages.sendMessage({ chatId: chat!.id, text });
+    const started = Date.now();
+    await server.stop();
+    const tookMs = Date.now() - started;
+    console.log(`  shutdown with a stuck stream took ${tookMs} ms`);
+    assert.ok(tookMs < 10_000, `shutdown did not wait for the 60 s timeout (took ${tookMs} ms)`);
+    await until("the stuck stream is reset while its client does not read", () => stuck!.closed, 5000);
+    assert.is(stuck.rstCode, http2.constants.NGHTTP2_REFUSED_STREAM, `reset code ${stuck.rstCode} (gRPC clients report REFUSED_STREAM as UNAVAILABLE)`);
+  } finally {
+    stuck?.close();
+    await server.destroy(); // after stop(): close() is idempotent, this deletes the data
+  }
+});
+
 // ---------------------------------------------------------------------------------------------
 // Deadlines: a query blocked behind the test's own lock must be cancelled in PostgreSQL when the
 // client's deadline passes (PGlite has a single connection, so nothing can hold a lock against it).

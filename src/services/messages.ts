@@ -138,7 +138,7 @@ export class Messages {
     const member = await withDeadline(this.members.isMember(tenantId, chatId, userId, signal), this.limits.storageTimeoutMs, "storage");
     if (!member) throw new NotFoundError("chat");
     const queue = new EventQueue<Notification>(this.limits.queueLimit);
-    const releaseSlot = this.streamSlots.acquire(caller, (error) => queue.fail(error));
+    const releaseSlot = this.streamSlots.acquire(caller, (error) => queue.fail(error), output.cutOff);
     const stopListening = this.fanout.listen(this.subjects.chat(tenantId, chatId), (event) => queue.push(event));
     // Events published while the bus was away are lost: re-read storage once it is back.
     const stopWatchingBus = this.fanout.onConnectionChange((connected) => connected && queue.markLost());

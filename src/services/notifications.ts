@@ -51,7 +51,7 @@ export class Notifications {
     const queue = new EventQueue<Notification>(this.limits.queueLimit, () => {
       stalled = setTimeout(() => output.cutOff?.(fellBehind()), STALLED_GRACE_MS);
     });
-    const releaseSlot = this.streamSlots.acquire(caller, (error) => queue.fail(error));
+    const releaseSlot = this.streamSlots.acquire(caller, (error) => queue.fail(error), output.cutOff);
     const chats = new Map<string, () => void>();
     /** Chats whose membership changed while the initial list was loading: the event wins. */
     const changedDuringSetup = new Set<string>();

@@ -8,16 +8,17 @@ import type { Caller } from "../auth/caller.js";
  */
 export class StreamSlots {
   private readonly open = new Map<string, number>();
-  private readonly closers = new Set<(error: unknown) => void>();
+  private readonly slots = new Set<Slot>();
   private shutdownError: unknown;
 
   constructor(private readonly maxPerUser: number) {}
 
   /**
-   * Takes a slot or throws RESOURCE_EXHAUSTED; close is how closeAll ends the stream. Call the
-   * returned function to free the slot (more calls do nothing).
+   * Takes a slot or throws RESOURCE_EXHAUSTED. end is how closeAll ends the stream in-band, and cutOff
+   * how cutOffAll ends it at the transport. Call the returned function to free the slot (more calls do
+   * nothing).
    */
-  acquire(caller: Caller, close: (error: unknown) => void): () => void {
+  acquire(caller: Caller, end: (error: unknown) => void, cutOff?: (error: unknown) => void): () => void {
     if (this.shutdownError !== undefined) throw this.shutdownError;
     const key = `${caller.tenantId}\u0000${caller.userId}`;
     const count = this.open.get(key) ?? 0;
@@ -25,13 +26,13 @@ export class StreamSlots {
       throw new ResourceExhaustedError(`at most ${this.maxPerUser} concurrent streams per user; close one first`);
     }
     this.open.set(key, count + 1);
-    const closer = (error: unknown) => close(error);
-    this.closers.add(closer);
+    const slot: Slot = { end, cutOff };
+    this.slots.add(slot);
     let released = false;
     return () => {
       if (released) return;
       released = true;
-      this.closers.delete(closer);
+      this.slots.delete(slot);
       const left = (this.open.get(key) ?? 1) - 1;
       if (left === 0) this.open.delete(key);
       else this.open.set(key, left);
@@ -41,6 +42,19 @@ export class StreamSlots {
   /** Ends every open stream with the error (server shutdown). */
   closeAll(error: unknown): void {
     this.shutdownError = error;
-    for (const close of [...this.closers]) close(error);
+    for (const slot of [...this.slots]) slot.end(error);
   }
+
+  /**
+   * Cuts off every stream still open: after closeAll, those are streams whose client stopped reading,
+   * so their end waits behind flow control and would hold the shutdown until its timeout.
+   */
+  cutOffAll(error: unknown): void {
+    for (const slot of [...this.slots]) slot.cutOff?.(error);
+  }
+}
+
+interface Slot {
+  end(error: unknown): void;
+  cutOff?(error: unknown): void;
 }

@@ -1,7 +1,8 @@
 import http2 from "node:http2";
 import type http from "node:http";
 import { toBinary, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
-import { createContextKey, type HandlerContext } from "@connectrpc/connect";
+import { Code, ConnectError, createContextKey, type HandlerContext } from "@connectrpc/connect";
+import { isUnavailable } from "../errors.js";
 import type { StreamOutput } from "../services/event-queue.js";
 
 type NodeResponse = http.ServerResponse | http2.Http2ServerResponse;
@@ -27,8 +28,9 @@ const CONNECT_COMPRESS_MIN_BYTES = 1024;
  *   compressed) and Connect has sent the headers. Otherwise it returns undefined and the service
  *   yields the message to Connect as usual. Ordering holds because Connect pulls the next message
  *   only after it wrote the previous one. Ends and errors still go through Connect.
- * - cutOff: see CutOff. HTTP/2 resets the stream with ENHANCE_YOUR_CALM, which gRPC and Connect
- *   clients report as RESOURCE_EXHAUSTED; HTTP/1.1 has no per-request reset, so the connection closes.
+ * - cutOff: see StreamOutput. HTTP/2 resets the stream with the code that gRPC and Connect clients
+ *   report as the error's code (see resetCodeFor); HTTP/1.1 has no per-request reset, so the
+ *   connection closes.
  */
 export function streamOutput<Desc extends DescMessage>(ctx: HandlerContext, schema: Desc): StreamOutput<MessageShape<Desc>> | undefined {
   const res = ctx.values.get(nodeResponseKey);
@@ -42,10 +44,10 @@ export function streamOutput<Desc extends DescMessage>(ctx: HandlerContext, sche
       if (compressed && envelope.length - 5 >= CONNECT_COMPRESS_MIN_BYTES) return undefined;
       return writeEnvelope(res, envelope, ctx.signal);
     },
-    cutOff() {
+    cutOff(error) {
       if (res.writableFinished) return;
       if (res instanceof http2.Http2ServerResponse) {
-        if (!res.stream.destroyed) res.stream.close(http2.constants.NGHTTP2_ENHANCE_YOUR_CALM);
+        if (!res.stream.destroyed) res.stream.close(resetCodeFor(error));
         // Connect's writer waits for "drain" or "error", and a reset stream emits neither: wake it, so it
         // finds the call aborted and ends the handler (which frees the stream's slot and listeners).
         res.emit("drain");
@@ -54,6 +56,15 @@ export function streamOutput<Desc extends DescMessage>(ctx: HandlerContext, sche
       }
     },
   };
+}
+
+/**
+ * REFUSED_STREAM for UNAVAILABLE (shutdown: the client should reconnect), ENHANCE_YOUR_CALM for the
+ * rest (a client that fell behind: RESOURCE_EXHAUSTED).
+ */
+function resetCodeFor(error: unknown): number {
+  const unavailable = isUnavailable(error) || (error instanceof ConnectError && error.code === Code.Unavailable);
+  return unavailable ? http2.constants.NGHTTP2_REFUSED_STREAM : http2.constants.NGHTTP2_ENHANCE_YOUR_CALM;
 }
 
 const envelopes = new WeakMap<object, Uint8Array>();

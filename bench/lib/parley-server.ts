@@ -72,6 +72,8 @@ export async function startParley(options: ParleyOptions, readyTimeoutMs = 30_00
     PARLEY_SEND_RATE: "1000000",
     PARLEY_SEND_BURST: "1000000",
     PARLEY_DATA_DIR: path.join(path.dirname(options.logFile), "parley-data"),
+    // Node/V8 flags for the server only, to compare settings (e.g. "--max-semi-space-size=64").
+    ...(process.env.BENCH_SERVER_NODE_OPTIONS ? { NODE_OPTIONS: process.env.BENCH_SERVER_NODE_OPTIONS } : {}),
     ...options.env,
   };
   const log = fs.createWriteStream(options.logFile, { flags: "a" });

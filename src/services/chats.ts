@@ -1,5 +1,5 @@
 import { create } from "@bufbuild/protobuf";
-import { v7 as uuidv7 } from "uuid";
+import { newId } from "../ids.js";
 import {
   CreateChatResponseSchema, GetChatResponseSchema, ListChatsResponseSchema, MarkReadResponseSchema,
   type CreateChatRequest, type GetChatRequest, type ListChatsRequest, type MarkReadRequest,
@@ -26,7 +26,7 @@ export class Chats {
     check.done();
     const userIds = [...new Set([caller.userId, ...memberIds])];
     if (userIds.length > this.maxMembers) throw new ResourceExhaustedError(`a chat has at most ${this.maxMembers} members`);
-    const { chat } = await this.store.create(caller.tenantId, uuidv7(), caller.userId, name, userIds, caller.signal);
+    const { chat } = await this.store.create(caller.tenantId, newId(), caller.userId, name, userIds, caller.signal);
     await this.events.chatCreated(caller.tenantId, chat.id, chat.name, caller.userId, userIds);
     return create(CreateChatResponseSchema, { chat });
   }

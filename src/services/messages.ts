@@ -1,5 +1,5 @@
 import { create } from "@bufbuild/protobuf";
-import { v7 as uuidv7 } from "uuid";
+import { newId } from "../ids.js";
 import {
   GetMessageResponseSchema, ListMessagesResponseSchema, Order, SendMessageResponseSchema,
   type GetMessageRequest, type ListMessagesRequest, type Message, type SendMessageRequest, type WatchMessagesRequest,
@@ -62,7 +62,7 @@ export class Messages {
     const turn = this.publishOrder.enter(`${caller.tenantId}\u0000${chatId}`);
     let sent: SendResult;
     try {
-      sent = await this.store.send(caller.tenantId, chatId, uuidv7(), caller.userId, text, clientMessageId, caller.signal);
+      sent = await this.store.send(caller.tenantId, chatId, newId(), caller.userId, text, clientMessageId, caller.signal);
     } catch (error) {
       turn.skip();
       throw error;

@@ -12,7 +12,8 @@
  * profiles are summarised into the results; profiling slows the server, so do not compare those figures),
  * BENCH_SERVER_REF (run Parley from `git archive` of this commit, e.g. HEAD, instead of the working tree),
  * BENCH_PHASE_S (seconds per load phase), BENCH_QUIET_WAIT_S (longest wait before each scenario for the
- * machine to calm down, default 20; the machine may be shared).
+ * machine to calm down, default 20; the machine may be shared), BENCH_SERVER_NODE_OPTIONS (NODE_OPTIONS
+ * for the server only, to compare V8 settings such as --max-semi-space-size).
  */
 import { execFileSync, spawnSync } from "node:child_process";
 import crypto from "node:crypto";

@@ -137,23 +137,24 @@ export function sendMessageRequest(chatId: string, text: string): Uint8Array {
   return new BinaryWriter().tag(1, WireType.LengthDelimited).string(chatId).tag(2, WireType.LengthDelimited).string(text).finish();
 }
 
-/** SendMessageResponse.message.id */
-export function sentMessageId(response: Uint8Array): string {
-  const reader = new BinaryReader(response);
+/** Calls read for each field of a message; a field read does not consume (returns false) is skipped. */
+function forEachField(bytes: Uint8Array, read: (field: number, reader: BinaryReader) => boolean): void {
+  const reader = new BinaryReader(bytes);
   while (reader.pos < reader.len) {
     const [field, wireType] = reader.tag();
-    if (field !== 1) {
-      reader.skip(wireType);
-      continue;
-    }
-    const message = new BinaryReader(reader.bytes());
-    while (message.pos < message.len) {
-      const [f, w] = message.tag();
-      if (f === 1) return message.string();
-      message.skip(w);
-    }
+    if (!read(field, reader)) reader.skip(wireType);
   }
-  return "";
+}
+
+/** SendMessageResponse.message.id */
+export function sentMessageId(response: Uint8Array): string {
+  let id = "";
+  forEachField(response, (field, reader) => {
+    if (field !== 1) return false;
+    forEachField(reader.bytes(), (f, message) => f === 1 && ((id = message.string()), true));
+    return true;
+  });
+  return id;
 }
 
 export interface NotificationSummary {
@@ -171,34 +172,20 @@ const eventFields: Record<number, NotificationSummary["kind"]> = {
 
 export function readNotification(bytes: Uint8Array): NotificationSummary {
   const out: NotificationSummary = { kind: "none", chatId: "", sequence: 0 };
-  const reader = new BinaryReader(bytes);
-  while (reader.pos < reader.len) {
-    const [field, wireType] = reader.tag();
+  forEachField(bytes, (field, reader) => {
     const kind = eventFields[field];
-    if (kind === undefined) {
-      reader.skip(wireType);
-      continue;
-    }
+    if (kind === undefined) return false;
     out.kind = kind;
-    if (kind !== "messageCreated") {
-      reader.skip(wireType);
-      continue;
-    }
-    const created = new BinaryReader(reader.bytes());
-    while (created.pos < created.len) {
-      const [f, w] = created.tag();
+    if (kind !== "messageCreated") return false;
+    forEachField(reader.bytes(), (f, created) => {
       if (f === 1) out.chatId = created.string();
       else if (f === 3) out.sequence = Number(created.int64());
-      else if (f === 5) {
-        const message = new BinaryReader(created.bytes());
-        while (message.pos < message.len) {
-          const [mf, mw] = message.tag();
-          if (mf === 4) out.text = message.string();
-          else message.skip(mw);
-        }
-      } else created.skip(w);
-    }
-  }
+      else if (f === 5) forEachField(created.bytes(), (mf, message) => mf === 4 && ((out.text = message.string()), true));
+      else return false;
+      return true;
+    });
+    return true;
+  });
   return out;
 }
 
@@ -214,23 +201,13 @@ export function newestMessagesRequest(chatId: string, pageSize: number): Uint8Ar
 
 /** ListMessagesResponse: how many messages, and the first one's sequence. */
 export function readMessagePage(bytes: Uint8Array): { count: number; firstSequence: number } {
-  const reader = new BinaryReader(bytes);
   let count = 0;
   let firstSequence = 0;
-  while (reader.pos < reader.len) {
-    const [field, wireType] = reader.tag();
-    if (field !== 1) {
-      reader.skip(wireType);
-      continue;
-    }
-    const message = new BinaryReader(reader.bytes());
-    count++;
-    if (count > 1) continue;
-    while (message.pos < message.len) {
-      const [f, w] = message.tag();
-      if (f === 5) firstSequence = Number(message.int64());
-      else message.skip(w);
-    }
-  }
+  forEachField(bytes, (field, reader) => {
+    if (field !== 1) return false;
+    const message = reader.bytes();
+    if (++count === 1) forEachField(message, (f, m) => f === 5 && ((firstSequence = Number(m.int64())), true));
+    return true;
+  });
   return { count, firstSequence };
 }

@@ -671,6 +671,34 @@ it("slow consumers - a WatchMessages client that stops reading resyncs from stor
   }
 });
 
+it("slow consumers - a Subscribe client that falls behind but reads again within the grace gets RESOURCE_EXHAUSTED in-band", async () => {
+  const server = await startTestServer({ ...NO_RATE_LIMIT, PARLEY_HEARTBEAT_SECONDS: "3600", PARLEY_STREAM_QUEUE_LIMIT: "50" });
+  let behind: RawGrpcStream<typeof NotificationSchema> | undefined;
+  try {
+    const tenant = uniqueTenant("behind");
+    const alice = await user(server.url, tenant, "alice", "connect-http2");
+    const { chat } = await alice.chats.createChat({ name: "firehose", memberIds: ["mallory"] });
+    behind = new RawGrpcStream(server.url, "/parley.v1.NotificationService/Subscribe", await tokenFor(tenant, "mallory"),
+      toBinary(SubscribeRequestSchema, create(SubscribeRequestSchema, { includeMessages: true })), NotificationSchema, 8 * 1024);
+    await until("the subscriber's Ready", () => behind!.items.length > 0, 10_000);
+    behind.pause();
+    // ~8 KiB each: a few fill the 8 KiB window and the stream's write buffer, 50 more fill the queue.
+    // Sending them takes far less than the 2 s after which a client that still reads nothing is cut off.
+    const text = "ж".repeat(4096);
+    for (let i = 0; i < 100; i++) await alice.messages.sendMessage({ chatId: chat!.id, text });
+    behind.resume();
+    await until("the stream ends", () => behind!.closed, 10_000);
+    assert.is(behind.rstCode ?? 0, 0, "ended in-band, not reset");
+    assert.is(behind.grpcStatus, "8", `grpc-status ${behind.grpcStatus} (${behind.grpcMessage})`);
+    assert.match(behind.grpcMessage ?? "", /fell more than 50 events behind/);
+    const delivered = behind.items.filter((n) => n.event.case === "messageCreated").length;
+    assert.ok(delivered < 100, `it did not get all 100 events (got ${delivered})`);
+  } finally {
+    behind?.close();
+    await server.destroy();
+  }
+});
+
 it("slow consumers - a Subscribe client that stopped reading does not hold up shutdown: reset with REFUSED_STREAM (UNAVAILABLE)", async () => {
   // A long shutdown timeout, so that waiting for it would show; a queue that never overflows, so
   // that nothing but the shutdown ends the stuck stream.

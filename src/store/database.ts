@@ -91,7 +91,8 @@ interface QueryInternals {
  * socket cannot take. A query pipelined behind another on a connection is left alone: postgres.js
  * would send its cancel only once it runs and hand its reply to the query after it. (A cancel request
  * that arrives just after its statement finished may hit the connection's next statement, which then
- * fails with UNAVAILABLE: PostgreSQL's cancel protocol cannot tell them apart.)
+ * fails with UNAVAILABLE: PostgreSQL's cancel protocol cannot tell them apart. A send statement, which
+ * carries many callers' messages, is run again once instead: see MessageStore.store.)
  */
 function cancellableQueries(running: boolean): Cancellable {
   return async (query, signal) => {

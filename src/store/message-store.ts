@@ -115,13 +115,21 @@ export class MessageStore extends Store {
     return taken;
   }
 
-  private async store(sends: PendingSend[]): Promise<void> {
+  private async store(sends: PendingSend[], retry = true): Promise<void> {
     const statement: RunningStatement = { sends, abandoned: 0, cancel: new AbortController() };
     for (const send of sends) send.statement = statement;
     let rows: Record<string, unknown>[];
     try {
       rows = await this.cancellable(sends.length === 1 ? this.insertOne(sends[0]!) : this.insertMany(sends), statement.cancel.signal);
     } catch (error) {
+      // A cancel request meant for the statement before on this connection can arrive after it ended
+      // and cancel this one instead (see Database.cancellable). This one rolled back: run it again, once.
+      if (retry && !statement.cancel.signal.aborted && isStrayCancel(error)) {
+        for (const send of sends) if (send.signal?.aborted) send.reject(send.signal.reason);
+        const waiting = sends.filter((send) => !send.signal?.aborted);
+        if (waiting.length > 0) await this.store(waiting, false);
+        return;
+      }
       // Two statements raced on one client_message_id (the unique index refused the later row): all of
       // this one rolled back, so store its sends one by one, where a conflict only skips that send.
       if (sends.length > 1 && (error as { code?: string }).code === "23505") {
@@ -264,6 +272,12 @@ export class MessageStore extends Store {
       LIMIT ${limit}`, signal);
     return rows.map(toMessage);
   }
+}
+
+/** PostgreSQL's answer to a cancel request (57014 also means statement_timeout, which is not retried). */
+function isStrayCancel(error: unknown): boolean {
+  const { code, message } = error as { code?: string; message?: string };
+  return code === "57014" && /user request/.test(message ?? "");
 }
 
 export function toMessage(row: Record<string, unknown>): Message {

@@ -671,21 +671,36 @@ it("slow consumers - a WatchMessages client that stops reading resyncs from stor
   }
 });
 
+/**
+ * Mallory's Subscribe over a raw HTTP/2 session with an 8 KiB window, paused after Ready, then 100
+ * events of ~8 KiB sent by alice into their chat: a few fill the window and the stream's write buffer,
+ * the rest wait in the server's queue.
+ */
+async function floodPausedSubscriber(server: TestServer, label: string): Promise<RawGrpcStream<typeof NotificationSchema>> {
+  const tenant = uniqueTenant(label);
+  const alice = await user(server.url, tenant, "alice", "connect-http2");
+  const { chat } = await alice.chats.createChat({ name: "firehose", memberIds: ["mallory"] });
+  const stream = new RawGrpcStream(server.url, "/parley.v1.NotificationService/Subscribe", await tokenFor(tenant, "mallory"),
+    toBinary(SubscribeRequestSchema, create(SubscribeRequestSchema, { includeMessages: true })), NotificationSchema, 8 * 1024);
+  try {
+    await until("the subscriber's Ready", () => stream.items.length > 0, 10_000);
+    stream.pause();
+    const text = "ж".repeat(4096);
+    for (let i = 0; i < 100; i++) await alice.messages.sendMessage({ chatId: chat!.id, text });
+  } catch (error) {
+    stream.close();
+    throw error;
+  }
+  return stream;
+}
+
 it("slow consumers - a Subscribe client that falls behind but reads again within the grace gets RESOURCE_EXHAUSTED in-band", async () => {
   const server = await startTestServer({ ...NO_RATE_LIMIT, PARLEY_HEARTBEAT_SECONDS: "3600", PARLEY_STREAM_QUEUE_LIMIT: "50" });
   let behind: RawGrpcStream<typeof NotificationSchema> | undefined;
   try {
-    const tenant = uniqueTenant("behind");
-    const alice = await user(server.url, tenant, "alice", "connect-http2");
-    const { chat } = await alice.chats.createChat({ name: "firehose", memberIds: ["mallory"] });
-    behind = new RawGrpcStream(server.url, "/parley.v1.NotificationService/Subscribe", await tokenFor(tenant, "mallory"),
-      toBinary(SubscribeRequestSchema, create(SubscribeRequestSchema, { includeMessages: true })), NotificationSchema, 8 * 1024);
-    await until("the subscriber's Ready", () => behind!.items.length > 0, 10_000);
-    behind.pause();
-    // ~8 KiB each: a few fill the 8 KiB window and the stream's write buffer, 50 more fill the queue.
-    // Sending them takes far less than the 2 s after which a client that still reads nothing is cut off.
-    const text = "ж".repeat(4096);
-    for (let i = 0; i < 100; i++) await alice.messages.sendMessage({ chatId: chat!.id, text });
+    // Sending the 100 events takes far less than the 2 s after which a client that still reads
+    // nothing is cut off; the 50-event queue overflows on the way.
+    behind = await floodPausedSubscriber(server, "behind");
     behind.resume();
     await until("the stream ends", () => behind!.closed, 10_000);
     assert.is(behind.rstCode ?? 0, 0, "ended in-band, not reset");
@@ -707,16 +722,7 @@ it("slow consumers - a Subscribe client that stopped reading does not hold up sh
   });
   let stuck: RawGrpcStream<typeof NotificationSchema> | undefined;
   try {
-    const tenant = uniqueTenant("stuckstop");
-    const alice = await user(server.url, tenant, "alice", "connect-http2");
-    const { chat } = await alice.chats.createChat({ name: "firehose", memberIds: ["mallory"] });
-    stuck = new RawGrpcStream(server.url, "/parley.v1.NotificationService/Subscribe", await tokenFor(tenant, "mallory"),
-      toBinary(SubscribeRequestSchema, create(SubscribeRequestSchema, { includeMessages: true })), NotificationSchema, 8 * 1024);
-    await until("the stuck subscriber's Ready", () => stuck!.items.length > 0, 10_000);
-    stuck.pause();
-    // 100 events of ~8 KiB: far more than the 8 KiB window and the stream's write buffer take.
-    const text = "ж".repeat(4096);
-    for (let i = 0; i < 100; i++) await alice.messages.sendMessage({ chatId: chat!.id, text });
+    stuck = await floodPausedSubscriber(server, "stuckstop");
     const started = Date.now();
     await server.stop();
     const tookMs = Date.now() - started;

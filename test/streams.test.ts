@@ -119,7 +119,7 @@ test("subscribe - a chat's messages arrive in sequence order, also when many are
   const stream = subscribe(bob);
   try {
     assert.is((await stream.next()).event.case, "ready");
-    // 16 sends in flight at once: their replies come back from the database in any order.
+    // 16 sends in flight at once: they share database statements, which answer many sends at a time.
     const total = 300;
     let sent = 0;
     await Promise.all(Array.from({ length: 16 }, async (_, i) => {

@@ -11,9 +11,8 @@ import type { Subjects } from "../bus/subjects.js";
 import { NotFoundError } from "../errors.js";
 import type { Metrics } from "../observability/metrics.js";
 import type { MemberStore } from "../store/member-store.js";
-import type { MessageQuery, MessageStore, SendResult } from "../store/message-store.js";
+import type { MessageQuery, MessageStore } from "../store/message-store.js";
 import { abortReason, EventQueue, type StreamOutput } from "./event-queue.js";
-import { PublishOrder } from "./publish-order.js";
 import { withDeadline } from "../deadline.js";
 import type { Events } from "./events.js";
 import type { PageTokens } from "./page-token.js";
@@ -50,8 +49,6 @@ export class Messages {
     private readonly streamSlots: StreamSlots,
   ) {}
 
-  private readonly publishOrder = new PublishOrder();
-
   async sendMessage(caller: Caller, req: SendMessageRequest) {
     const check = new RequestCheck();
     const chatId = check.id("chat_id", req.chatId);
@@ -59,20 +56,12 @@ export class Messages {
     const clientMessageId = check.clientMessageId("client_message_id", req.clientMessageId);
     check.done();
     this.rateLimiter.take(`${caller.tenantId}\u0000${caller.userId}`);
-    const turn = this.publishOrder.enter(`${caller.tenantId}\u0000${chatId}`);
-    let sent: SendResult;
-    try {
-      sent = await this.store.send(caller.tenantId, chatId, newId(), caller.userId, text, clientMessageId, caller.signal);
-    } catch (error) {
-      turn.skip();
-      throw error;
-    }
-    const { message, duplicate } = sent;
-    if (duplicate) {
-      turn.skip();
-    } else {
+    // The store answers a chat's sends in sequence order (see MessageStore), and messageCreated hands
+    // its event to the bus before it first awaits: so each chat's events are published in order.
+    const { message, duplicate } = await this.store.send(caller.tenantId, chatId, newId(), caller.userId, text, clientMessageId, caller.signal);
+    if (!duplicate) {
       this.metrics.messagesSent.inc();
-      await turn.publish(message.sequence, () => this.events.messageCreated(caller.tenantId, message));
+      await this.events.messageCreated(caller.tenantId, message);
     }
     return create(SendMessageResponseSchema, { message });
   }

@@ -725,10 +725,75 @@ function wsClose() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Idle hub connections (SignalR JSON protocol over WebSocket, without negotiate)
+
+const recordSeparator = "\x1e";
+let hubSockets: WebSocket[] = [];
+let hubPinger: NodeJS.Timeout | undefined;
+
+/** Opens one hub connection: upgrade with the bearer header, handshake, then waits for the Ready event. */
+function openHub(baseUrl: string, authorization: string, timeoutMs: number): Promise<WebSocket> {
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(`${baseUrl.replace(/^http/, "ws")}/hubs/chat`, { headers: { authorization }, perMessageDeflate: false });
+    const timer = setTimeout(() => fail(new Error("hub connection not ready in time")), timeoutMs);
+    const fail = (error: Error) => {
+      clearTimeout(timer);
+      ws.terminate();
+      reject(error);
+    };
+    ws.once("open", () => ws.send(JSON.stringify({ protocol: "json", version: 1 }) + recordSeparator));
+    ws.once("error", fail);
+    ws.once("close", (code) => fail(new Error(`hub closed with ${code} before Ready`)));
+    const onMessage = (data: Buffer) => {
+      if (!data.toString("utf8").includes('"target":"Ready"')) return;
+      clearTimeout(timer);
+      ws.off("message", onMessage);
+      ws.removeAllListeners("close");
+      ws.removeAllListeners("error");
+      ws.on("error", () => {});
+      resolve(ws);
+    };
+    ws.on("message", onMessage);
+  });
+}
+
+async function hubConnect(args: { baseUrl: string; tenant: string; users: string[]; batch: number; readyTimeoutMs: number }) {
+  const started = performance.now();
+  let ready = 0;
+  let failed = 0;
+  for (let i = 0; i < args.users.length; i += args.batch) {
+    const batch = await Promise.allSettled(
+      args.users.slice(i, i + args.batch).map(async (user) => openHub(args.baseUrl, await bearer(args.tenant, user), args.readyTimeoutMs)),
+    );
+    for (const result of batch) {
+      if (result.status === "fulfilled") {
+        hubSockets.push(result.value);
+        ready++;
+      } else failed++;
+    }
+  }
+  // The hub closes clients silent for PARLEY_HUB_TIMEOUT_SECONDS (30 s by default): a SignalR ping keeps them open.
+  hubPinger ??= setInterval(() => {
+    const ping = JSON.stringify({ type: 6 }) + recordSeparator;
+    for (const ws of hubSockets) if (ws.readyState === WebSocket.OPEN) ws.send(ping);
+  }, 10_000);
+  return { ready, failed, ms: Math.round(performance.now() - started), open: hubSockets.filter((ws) => ws.readyState === WebSocket.OPEN).length };
+}
+
+function hubClose() {
+  clearInterval(hubPinger);
+  hubPinger = undefined;
+  for (const ws of hubSockets) ws.terminate();
+  const closed = hubSockets.length;
+  hubSockets = [];
+  return { closed };
+}
+
+// ---------------------------------------------------------------------------------------------
 
 const commands: Record<string, (args: any) => unknown> = {
   subscribe, closeStreams, resetReceivers, stats, counts, send, createChats, verify, history,
-  pgInsert, pgStoreSend, natsBench, wsConnect, wsClose,
+  pgInsert, pgStoreSend, natsBench, wsConnect, wsClose, hubConnect, hubClose,
   delivered: () => {
     let n = 0;
     for (const v of receivedByChat.values()) n += v;

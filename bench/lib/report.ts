@@ -72,6 +72,12 @@ export function judge(results: Results): Target[] {
     measured: dedicated ? `${dedicated.perStreamKiB} KiB RSS per connection at ${dedicated.streams} connections` : "not measured",
     met: dedicated ? dedicated.perStreamKiB <= 20 && dedicated.failed === 0 : null,
   });
+  const hubMax = results.idle?.hub?.at(-1);
+  targets.push({
+    target: "Idle connection ≤ 20 KiB (SignalR hub WebSocket, largest count)",
+    measured: hubMax ? `${hubMax.perStreamKiB} KiB RSS per connection at ${hubMax.streams} connections (heap ${hubMax.perStreamHeapKiB} KiB)` : "not measured",
+    met: hubMax ? hubMax.perStreamKiB <= 20 && hubMax.failed === 0 : null,
+  });
   const h10k = results.history?.find((h) => h.messages === 10_000);
   const hBig = results.history?.filter((h) => h.messages > 10_000).at(-1);
   targets.push({
@@ -198,6 +204,13 @@ export function markdown(results: Results): string {
     out.push("| streams | HTTP/2 connections | ready / failed | server RSS base → with streams MiB | RSS per stream KiB | V8 heap per stream KiB | marginal RSS / heap per added stream KiB | server CPU % while idle |", "|---:|---:|---|---|---:|---:|---|---:|");
     for (const m of [...(s.dedicated ? [s.dedicated] : []), ...s.multiplexed]) {
       out.push(`| ${m.streams.toLocaleString("en-US")} | ${m.connections.toLocaleString("en-US")} | ${m.ready} / ${m.failed} | ${fmt(m.baseRssMiB)} → ${fmt(m.rssMiB)} | ${fmt(m.perStreamKiB, 2)} | ${fmt(m.perStreamHeapKiB, 2)} | ${m.marginalKiB === null ? "–" : `${fmt(m.marginalKiB, 2)} / ${fmt(m.marginalHeapKiB, 2)}`} | ${fmt(m.serverCpuPercentIdle)} |`);
+    }
+    if (s.hub?.length) {
+      out.push("", "SignalR hub connections (`/hubs/chat`, JSON protocol, one WebSocket each, no negotiate; clients ping every 10 s), measured the same way on a fresh server:", "");
+      out.push("| hub connections | ready / failed | server RSS base → with connections MiB | RSS per connection KiB | V8 heap per connection KiB | marginal RSS / heap per added connection KiB | server CPU % while idle |", "|---:|---|---|---:|---:|---|---:|");
+      for (const m of s.hub) {
+        out.push(`| ${m.streams.toLocaleString("en-US")} | ${m.ready} / ${m.failed} | ${fmt(m.baseRssMiB)} → ${fmt(m.rssMiB)} | ${fmt(m.perStreamKiB, 2)} | ${fmt(m.perStreamHeapKiB, 2)} | ${m.marginalKiB === null ? "–" : `${fmt(m.marginalKiB, 2)} / ${fmt(m.marginalHeapKiB, 2)}`} | ${fmt(m.serverCpuPercentIdle)} |`);
+      }
     }
     if (s.heap && "rows" in s.heap) {
       out.push("", `Heap snapshots before and after opening ${s.heap.streams} streams (separate server): ${fmt(s.heap.totalBytesPerStream / 1024, 2)} KiB of live objects per stream, largest contributors:`, "");

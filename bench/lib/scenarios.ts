@@ -457,6 +457,8 @@ export interface IdleMeasure {
 export interface IdleScenario {
   dedicated?: IdleMeasure;
   multiplexed: IdleMeasure[];
+  /** SignalR hub connections (one WebSocket each), growing like the multiplexed streams. */
+  hub?: IdleMeasure[];
   /** Heap snapshots before and after opening streams on a third server: what the live heap per stream is made of. */
   heap?: { streams: number; totalBytesPerStream: number; rows: HeapDiffRow[] } | { error: string };
 }
@@ -535,6 +537,37 @@ export async function idleScenario(ctx: Context): Promise<IdleScenario> {
     await closeAll(ctx).catch((e) => ctx.log(`  cleanup: ${e}`));
     const report = await ctx.stopServer();
     if (report) lastServerReport.set("d-multiplexed", report);
+  }
+
+  // Hub connections: one WebSocket each, on another fresh server.
+  await ctx.startServer("d-hub", true);
+  try {
+    const openHubs = async (add: string[]) => {
+      const parts = ctx.receivers.map((_, r) => add.filter((_, i) => i % ctx.receivers.length === r));
+      const results = await Promise.all(ctx.receivers.map((worker, r) =>
+        worker.call<{ ready: number; failed: number }>("hubConnect", { baseUrl: ctx.server!.url, tenant, users: parts[r], batch: 250, readyTimeoutMs: 60_000 }, 240_000)));
+      return { ready: results.reduce((a, x) => a + x.ready, 0), failed: results.reduce((a, x) => a + x.failed, 0) };
+    };
+    const closeHubs = () => Promise.all(ctx.receivers.map((w) => w.call("hubClose", {}, 30_000)));
+    await openHubs(users.slice(0, 200));
+    await closeHubs();
+    await sleep(ctx.plan.quick ? 1000 : 3000);
+    const base = await ctx.serverMemory();
+    result.hub = [];
+    let open = 0;
+    let ready = 0;
+    let failed = 0;
+    for (const target of ctx.plan.idleStreams) {
+      const opened = await openHubs(users.slice(open, target));
+      open = target;
+      ready += opened.ready;
+      failed += opened.failed;
+      result.hub.push(await measure(`${target} hub connections`, base, target, target, ready, failed, result.hub.at(-1)));
+    }
+  } finally {
+    await Promise.all(ctx.receivers.map((w) => w.call("hubClose", {}, 30_000))).catch((e) => ctx.log(`  cleanup: ${e}`));
+    const report = await ctx.stopServer();
+    if (report) lastServerReport.set("d-hub", report);
   }
 
   // What one idle stream's heap is made of (snapshots distort RSS, hence a server of its own).

@@ -11,9 +11,10 @@
  * BENCH_ONLY=a,b,c,d,e,f (a subset of scenarios), BENCH_PROFILE=1 (server runs with --cpu-prof; the
  * profiles are summarised into the results; profiling slows the server, so do not compare those figures),
  * BENCH_SERVER_REF (run Parley from `git archive` of this commit, e.g. HEAD, instead of the working tree),
- * BENCH_PHASE_S (seconds per load phase), BENCH_QUIET_WAIT_S (longest wait before each scenario for the
+ * BENCH_PHASE_S (seconds per load phase), BENCH_RATES_CHATS10 / BENCH_RATES_CHATS100 (offered rates, comma-separated), BENCH_QUIET_WAIT_S (longest wait before each scenario for the
  * machine to calm down, default 20; the machine may be shared), BENCH_SERVER_NODE_OPTIONS (NODE_OPTIONS
- * for the server only, to compare V8 settings such as --max-semi-space-size).
+ * for the server only, to compare V8 settings such as --max-semi-space-size), BENCH_SERVER_NODE_ARGS (flags put
+ * before the server script, for those NODE_OPTIONS refuses, e.g. --trace-gc; the server log is in bench/tmp/).
  */
 import { execFileSync, spawnSync } from "node:child_process";
 import crypto from "node:crypto";
@@ -37,6 +38,9 @@ const baseDatabaseUrl = process.env.BENCH_DATABASE_URL ?? "postgres://postgres@1
 const natsUrl = process.env.BENCH_NATS_URL ?? "nats://127.0.0.1:4222";
 const plan = { ...(quick ? quickPlan : fullPlan) };
 if (process.env.BENCH_PHASE_S) plan.phaseMs = Number(process.env.BENCH_PHASE_S) * 1000;
+const rates = (name: string) => process.env[name]?.split(",").map(Number).filter((n) => n > 0);
+plan.ratesChats10 = rates("BENCH_RATES_CHATS10") ?? plan.ratesChats10;
+plan.ratesChats100 = rates("BENCH_RATES_CHATS100") ?? plan.ratesChats100;
 /** Longest wait before each scenario for other processes on the machine to calm down. */
 const quietWaitMs = Number(process.env.BENCH_QUIET_WAIT_S ?? (quick ? 0 : 20)) * 1000;
 /** The whole run is abandoned (partial results written, everything cleaned up) after this. */

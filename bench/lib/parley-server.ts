@@ -56,6 +56,8 @@ export async function startParley(options: ParleyOptions, readyTimeoutMs = 30_00
     args.push("--cpu-prof", `--cpu-prof-dir=${options.profileDir}`);
   }
   if (options.inspect) args.push("--inspect=127.0.0.1:0");
+  // V8 flags that NODE_OPTIONS refuses (--trace-gc, --trace-gc-nvp), for studying the server under load.
+  if (process.env.BENCH_SERVER_NODE_ARGS) args.push(...process.env.BENCH_SERVER_NODE_ARGS.split(" ").filter(Boolean));
   args.push("src/main.ts");
   let inspectorUrl: string | undefined;
   const env: Record<string, string> = {

@@ -1,10 +1,10 @@
 /** What a transport may do for a stream besides iterating it (every part optional). */
 export interface StreamOutput<T> {
   /**
-   * Writes a message itself, faster than yielding it, and resolves once the transport can take
-   * more; undefined means "not here, yield it".
+   * Writes a message itself, faster than yielding it: true when the transport can take more at once,
+   * a promise that resolves when it can (flow control), undefined for "not here, yield it".
    */
-  write?(message: T): Promise<void> | undefined;
+  write?(message: T): true | Promise<void> | undefined;
   /**
    * Ends the stream at the transport (HTTP/2 reset, socket close) for a client that stopped
    * reading, whom nothing sent in-band can reach any more.
@@ -27,10 +27,18 @@ export class EventQueue<T> {
   private idleTimer: NodeJS.Timeout | undefined;
   private idleTimerMs = 0;
 
+  /**
+   * While set and nothing is queued, push() hands each item straight to it, so a stream whose
+   * transport takes events as they come costs no promise and no wake-up per event. It returns false
+   * for an item it did not take; that item is queued as usual.
+   */
+  sink: ((item: T) => boolean) | undefined;
+
   constructor(private readonly limit: number, private readonly onOverflow?: () => void) {}
 
   push(item: T): void {
     if (this.overflowed) return;
+    if (this.sink !== undefined && this.items.length === 0 && this.failure === undefined && this.sink(item)) return;
     if (this.items.length >= this.limit) {
       this.overflowed = true;
       this.items = [];

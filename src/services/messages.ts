@@ -166,8 +166,8 @@ export class Messages {
         if (sequence === last + 1n) {
           last = sequence;
           const written = output.write?.(e.value.message);
-          if (written) await written;
-          else yield e.value.message;
+          if (written === undefined) yield e.value.message;
+          else if (written !== true) await written;
         }
       }
     } finally {

@@ -91,14 +91,34 @@ export class Notifications {
       }
       settingUp = false;
       yield create(NotificationSchema, { time: timestampNow(), event: { case: "ready", value: {} } });
+      const shape = (event: Notification) => (req.includeMessages ? event : withoutMessage(event));
+      /** Set while the transport is full: nothing more is written until it resolves. */
+      let draining: Promise<void> | undefined;
+      // Connect has written Ready (it asked for the next message), so the bus callbacks may write
+      // events themselves from here on, in arrival order, until the transport is full.
+      const writeNow = (event: Notification): boolean => {
+        const written = output.write!(shape(event));
+        if (written === undefined) return false;
+        if (written !== true) {
+          draining = written;
+          queue.sink = undefined;
+        }
+        return true;
+      };
       for (;;) {
+        if (draining) await draining;
+        draining = undefined;
+        if (output.write) queue.sink = writeNow;
         const event = await queue.next(signal);
+        queue.sink = undefined;
         if (event === "aborted") throw abortReason(signal);
         if (event === "overflow") throw fellBehind();
-        const notification = req.includeMessages ? event : withoutMessage(event);
+        if (draining) await draining;
+        draining = undefined;
+        const notification = shape(event);
         const written = output.write?.(notification);
-        if (written) await written;
-        else yield notification;
+        if (written === undefined) yield notification;
+        else if (written !== true) await written;
       }
     } finally {
       clearTimeout(stalled);

@@ -82,12 +82,16 @@ function envelopeOf<Desc extends DescMessage>(schema: Desc, message: MessageShap
   return envelope;
 }
 
-/** Writes; while the response is over its buffer limit (flow control), waits as Connect would. */
-async function writeEnvelope(res: NodeResponse, envelope: Uint8Array, signal: AbortSignal): Promise<void> {
+/**
+ * Writes; true when the response can take more, else a promise that resolves when it can (the
+ * buffer limit of flow control: the wait Connect would make). An aborted call writes nothing and
+ * answers true: the stream's loop then finds its signal aborted.
+ */
+function writeEnvelope(res: NodeResponse, envelope: Uint8Array, signal: AbortSignal): true | Promise<void> {
   const destroyed = res instanceof http2.Http2ServerResponse ? res.stream.destroyed : res.destroyed;
-  if (signal.aborted || destroyed || res.writableEnded) return;
-  if ((res as http.ServerResponse).write(envelope)) return;
-  await new Promise<void>((resolve) => {
+  if (signal.aborted || destroyed || res.writableEnded) return true;
+  if ((res as http.ServerResponse).write(envelope)) return true;
+  return new Promise<void>((resolve) => {
     const done = () => {
       res.off("drain", done);
       res.off("close", done);

@@ -714,6 +714,34 @@ it("slow consumers - a Subscribe client that falls behind but reads again within
   }
 });
 
+it("slow consumers - a Subscribe client that pauses within its queue limit gets every event in order once it reads again, also events sent meanwhile", async () => {
+  const server = await startTestServer({ ...NO_RATE_LIMIT, PARLEY_HEARTBEAT_SECONDS: "3600" });
+  let paused: RawGrpcStream<typeof NotificationSchema> | undefined;
+  try {
+    const tenant = uniqueTenant("pausing");
+    const alice = await user(server.url, tenant, "alice", "connect-http2");
+    const { chat } = await alice.chats.createChat({ name: "firehose", memberIds: ["mallory"] });
+    const send = (n: number) => alice.messages.sendMessage({ chatId: chat!.id, text: `${n} ${"ж".repeat(4000)}` });
+    paused = new RawGrpcStream(server.url, "/parley.v1.NotificationService/Subscribe", await tokenFor(tenant, "mallory"),
+      toBinary(SubscribeRequestSchema, create(SubscribeRequestSchema, { includeMessages: true })), NotificationSchema, 8 * 1024);
+    await until("the subscriber's Ready", () => paused!.items.length > 0, 10_000);
+    // The first events fill the 8 KiB window and the stream's write buffer; the rest wait in the queue.
+    paused.pause();
+    for (let n = 1; n <= 60; n++) await send(n);
+    // Reading again while more arrive: the queued events must still come out before the new ones.
+    paused.resume();
+    for (let n = 61; n <= 120; n++) await send(n);
+    const messages = () => paused!.items.filter((e) => e.event.case === "messageCreated");
+    await until("all 120 events", () => messages().length >= 120 || paused!.closed, 20_000);
+    assert.not.ok(paused.closed, `the stream stayed open (grpc-status ${paused.grpcStatus} ${paused.grpcMessage ?? ""})`);
+    const sequences = messages().map((e) => (e.event.case === "messageCreated" ? Number(e.event.value.sequence) : 0));
+    assert.equal(sequences, Array.from({ length: 120 }, (_, i) => i + 1));
+  } finally {
+    paused?.close();
+    await server.destroy();
+  }
+});
+
 it("slow consumers - a Subscribe client that stopped reading does not hold up shutdown: reset with REFUSED_STREAM (UNAVAILABLE)", async () => {
   // A long shutdown timeout, so that waiting for it would show; a queue that never overflows, so
   // that nothing but the shutdown ends the stuck stream.

@@ -2,6 +2,7 @@
 // process, a private nats-server and a private PostgreSQL cluster stopped, frozen and restarted,
 // clients that stop reading their streams, and instances restarted one after the other.
 // The private services (test/support/processes.ts) use free ports and temp dirs and are killed by PID.
+import http from "node:http";
 import http2 from "node:http2";
 import v8 from "node:v8";
 import vm from "node:vm";
@@ -761,6 +762,51 @@ it("slow consumers - a Subscribe client that stopped reading does not hold up sh
   } finally {
     stuck?.close();
     await server.destroy(); // after stop(): close() is idempotent, this deletes the data
+  }
+});
+
+it("slow consumers - an HTTP/1.1 Subscribe client that stopped reading does not hold up shutdown: its connection is closed", async () => {
+  const server = await startTestServer({
+    ...NO_RATE_LIMIT, PARLEY_HEARTBEAT_SECONDS: "3600", PARLEY_STREAM_QUEUE_LIMIT: "100000", PARLEY_SHUTDOWN_TIMEOUT_SECONDS: "60",
+  });
+  let socketClosed = false;
+  let response: http.IncomingMessage | undefined;
+  try {
+    const tenant = uniqueTenant("stuckh1");
+    const alice = await user(server.url, tenant, "alice", "connect-http2");
+    const { chat } = await alice.chats.createChat({ name: "firehose", memberIds: ["mallory"] });
+    // Connect's streaming protocol over HTTP/1.1, one connection of its own.
+    const request = toBinary(SubscribeRequestSchema, create(SubscribeRequestSchema, { includeMessages: true }));
+    const body = Buffer.alloc(5 + request.length);
+    body.writeUInt32BE(request.length, 1);
+    body.set(request, 5);
+    const req = http.request(`${server.url}/parley.v1.NotificationService/Subscribe`, {
+      method: "POST", agent: false,
+      headers: { "content-type": "application/connect+proto", "connect-protocol-version": "1", authorization: `Bearer ${await tokenFor(tenant, "mallory")}` },
+    });
+    req.end(body);
+    response = await new Promise<http.IncomingMessage>((resolve, reject) => req.once("response", resolve).once("error", reject));
+    assert.is(response.statusCode, 200);
+    response.socket.once("close", () => (socketClosed = true));
+    let received = 0;
+    response.on("data", (chunk: Buffer) => (received += chunk.length));
+    await until("Ready", () => received > 0, 10_000);
+    // Stop reading; 6.4 MB of events: more than the socket buffers of both ends take (the server's send
+    // buffer grows to 4 MiB at most, the reader's window does not grow while it reads nothing).
+    response.pause();
+    const text = "ж".repeat(4000);
+    for (let i = 0; i < 800; i++) await alice.messages.sendMessage({ chatId: chat!.id, text });
+    const started = Date.now();
+    await server.stop();
+    const tookMs = Date.now() - started;
+    console.log(`  shutdown with a stuck HTTP/1.1 stream took ${tookMs} ms`);
+    assert.ok(tookMs < 10_000, `shutdown did not wait for the 60 s timeout (took ${tookMs} ms)`);
+    // The server has let go of the connection; the client learns it once it reads what was sent before.
+    response.resume();
+    await until("the stuck stream's connection is closed", () => socketClosed, 10_000);
+  } finally {
+    response?.destroy();
+    await server.destroy();
   }
 });
 

@@ -92,10 +92,11 @@ export class Notifications {
       settingUp = false;
       yield create(NotificationSchema, { time: timestampNow(), event: { case: "ready", value: {} } });
       const shape = (event: Notification) => (req.includeMessages ? event : withoutMessage(event));
-      /** Set while the transport is full: nothing more is written until it resolves. */
+      /** Set when a bus callback found the transport full: nothing more is written until it resolves. */
       let draining: Promise<void> | undefined;
-      // Connect has written Ready (it asked for the next message), so the bus callbacks may write
-      // events themselves from here on, in arrival order, until the transport is full.
+      // Connect has written Ready (it asked for the next message), so while this loop waits, the bus
+      // callbacks may write events themselves, in arrival order, until the transport is full; from
+      // then on events queue and this loop writes them once the transport has drained.
       const writeNow = (event: Notification): boolean => {
         const written = output.write!(shape(event));
         if (written === undefined) return false;
@@ -106,8 +107,6 @@ export class Notifications {
         return true;
       };
       for (;;) {
-        if (draining) await draining;
-        draining = undefined;
         if (output.write) queue.sink = writeNow;
         const event = await queue.next(signal);
         queue.sink = undefined;

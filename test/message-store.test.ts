@@ -1,5 +1,5 @@
 // MessageStore on its own, against the test database: what a send statement does when PostgreSQL
-// cancels it for a reason that is not the caller's.
+// cancels it for a reason that is not the caller's, and what happens to a send abandoned in the queue.
 import fs from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
@@ -80,6 +80,38 @@ test("store - a statement_timeout is not run again: the send fails", async () =>
   assert.is(calls(), 1);
   const rows = await db.sql`SELECT 1 FROM messages WHERE tenant_id = ${tenant}`;
   assert.is(rows.length, 0);
+});
+
+test("store - a send abandoned while it waits for the running statement is never stored and takes no number", async () => {
+  const tenant = uniqueTenant("store");
+  const chatId = await chatWithMember(tenant, "alice");
+  // The first statement is held until released, so the next send has to wait in the queue.
+  let release!: () => void;
+  const held = new Promise<void>((resolve) => (release = resolve));
+  let calls = 0;
+  const cancellable: Cancellable = async (query, signal) => {
+    if (++calls === 1) await held;
+    return db.cancellable(query, signal);
+  };
+  const store = new MessageStore({ sql: db.sql, cancellable });
+  const first = store.send(tenant, chatId, crypto.randomUUID(), "alice", "first", "");
+  const abandonedId = crypto.randomUUID();
+  const caller = new AbortController();
+  const abandoned = store.send(tenant, chatId, abandonedId, "alice", "abandoned", "", caller.signal);
+  const reason = new Error("deadline exceeded");
+  caller.abort(reason);
+  try {
+    await abandoned;
+    assert.unreachable("the abandoned send should fail");
+  } catch (error) {
+    assert.is(error, reason);
+  }
+  release();
+  assert.is((await first).message.sequence, 1n);
+  assert.is((await store.send(tenant, chatId, crypto.randomUUID(), "alice", "third", "")).message.sequence, 2n);
+  const rows = await db.sql`SELECT id, sequence FROM messages WHERE tenant_id = ${tenant} AND chat_id = ${chatId} ORDER BY sequence`;
+  assert.equal(rows.map((r) => Number(r.sequence)), [1, 2]);
+  assert.not.ok(rows.some((r) => r.id === abandonedId), "the abandoned message is not stored");
 });
 
 test.run();

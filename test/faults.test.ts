@@ -463,6 +463,14 @@ it("postgres outage - database frozen (SIGSTOP, connections open but silent): no
 // ---------------------------------------------------------------------------------------------
 // 4. Slow consumers
 
+/** One message in the 5-byte length-prefixed envelope of gRPC and Connect streaming. */
+function envelope(message: Uint8Array): Buffer {
+  const frame = Buffer.alloc(5 + message.length);
+  frame.writeUInt32BE(message.length, 1);
+  frame.set(message, 5);
+  return frame;
+}
+
 /** A gRPC server stream over a raw HTTP/2 session, so the test decides when (and whether) to read. */
 class RawGrpcStream<S extends DescMessage> {
   readonly session: http2.ClientHttp2Session;
@@ -480,10 +488,7 @@ class RawGrpcStream<S extends DescMessage> {
     this.stream = this.session.request({
       ":method": "POST", ":path": path, "content-type": "application/grpc", te: "trailers", authorization: `Bearer ${token}`,
     });
-    const frame = Buffer.alloc(5 + request.length);
-    frame.writeUInt32BE(request.length, 1);
-    Buffer.from(request).copy(frame, 5);
-    this.stream.end(frame);
+    this.stream.end(envelope(request));
     this.stream.on("error", () => {});
     this.stream.on("response", (headers) => this.onHeaders(headers));
     this.stream.on("trailers", (trailers) => this.onHeaders(trailers));
@@ -672,27 +677,33 @@ it("slow consumers - a WatchMessages client that stops reading resyncs from stor
   }
 });
 
-/**
- * Mallory's Subscribe over a raw HTTP/2 session with an 8 KiB window, paused after Ready, then 100
- * events of ~8 KiB sent by alice into their chat: a few fill the window and the stream's write buffer,
- * the rest wait in the server's queue.
- */
-async function floodPausedSubscriber(server: TestServer, label: string): Promise<RawGrpcStream<typeof NotificationSchema>> {
+/** Alice's chat with mallory, and a way to send event n into it (~8 KiB of text each). */
+async function firehose(server: TestServer, label: string): Promise<{ tenant: string; send: (n: number) => Promise<unknown> }> {
   const tenant = uniqueTenant(label);
   const alice = await user(server.url, tenant, "alice", "connect-http2");
   const { chat } = await alice.chats.createChat({ name: "firehose", memberIds: ["mallory"] });
+  const text = "ж".repeat(4000);
+  return { tenant, send: (n) => alice.messages.sendMessage({ chatId: chat!.id, text: `${n} ${text}` }) };
+}
+
+/**
+ * Mallory's Subscribe over a raw HTTP/2 session with an 8 KiB window, paused after Ready, then
+ * `events` events of ~8 KiB sent by alice into their chat: a few fill the window and the stream's
+ * write buffer, the rest wait in the server's queue.
+ */
+async function floodPausedSubscriber(server: TestServer, label: string, events = 100) {
+  const { tenant, send } = await firehose(server, label);
   const stream = new RawGrpcStream(server.url, "/parley.v1.NotificationService/Subscribe", await tokenFor(tenant, "mallory"),
     toBinary(SubscribeRequestSchema, create(SubscribeRequestSchema, { includeMessages: true })), NotificationSchema, 8 * 1024);
   try {
     await until("the subscriber's Ready", () => stream.items.length > 0, 10_000);
     stream.pause();
-    const text = "ж".repeat(4096);
-    for (let i = 0; i < 100; i++) await alice.messages.sendMessage({ chatId: chat!.id, text });
+    for (let n = 1; n <= events; n++) await send(n);
   } catch (error) {
     stream.close();
     throw error;
   }
-  return stream;
+  return { stream, send };
 }
 
 it("slow consumers - a Subscribe client that falls behind but reads again within the grace gets RESOURCE_EXHAUSTED in-band", async () => {
@@ -701,7 +712,7 @@ it("slow consumers - a Subscribe client that falls behind but reads again within
   try {
     // Sending the 100 events takes far less than the 2 s after which a client that still reads
     // nothing is cut off; the 50-event queue overflows on the way.
-    behind = await floodPausedSubscriber(server, "behind");
+    ({ stream: behind } = await floodPausedSubscriber(server, "behind"));
     behind.resume();
     await until("the stream ends", () => behind!.closed, 10_000);
     assert.is(behind.rstCode ?? 0, 0, "ended in-band, not reset");
@@ -719,19 +730,11 @@ it("slow consumers - a Subscribe client that pauses within its queue limit gets 
   const server = await startTestServer({ ...NO_RATE_LIMIT, PARLEY_HEARTBEAT_SECONDS: "3600" });
   let paused: RawGrpcStream<typeof NotificationSchema> | undefined;
   try {
-    const tenant = uniqueTenant("pausing");
-    const alice = await user(server.url, tenant, "alice", "connect-http2");
-    const { chat } = await alice.chats.createChat({ name: "firehose", memberIds: ["mallory"] });
-    const send = (n: number) => alice.messages.sendMessage({ chatId: chat!.id, text: `${n} ${"ж".repeat(4000)}` });
-    paused = new RawGrpcStream(server.url, "/parley.v1.NotificationService/Subscribe", await tokenFor(tenant, "mallory"),
-      toBinary(SubscribeRequestSchema, create(SubscribeRequestSchema, { includeMessages: true })), NotificationSchema, 8 * 1024);
-    await until("the subscriber's Ready", () => paused!.items.length > 0, 10_000);
-    // The first events fill the 8 KiB window and the stream's write buffer; the rest wait in the queue.
-    paused.pause();
-    for (let n = 1; n <= 60; n++) await send(n);
+    const flooded = await floodPausedSubscriber(server, "pausing", 60);
+    paused = flooded.stream;
     // Reading again while more arrive: the queued events must still come out before the new ones.
     paused.resume();
-    for (let n = 61; n <= 120; n++) await send(n);
+    for (let n = 61; n <= 120; n++) await flooded.send(n);
     const messages = () => paused!.items.filter((e) => e.event.case === "messageCreated");
     await until("all 120 events", () => messages().length >= 120 || paused!.closed, 20_000);
     assert.not.ok(paused.closed, `the stream stayed open (grpc-status ${paused.grpcStatus} ${paused.grpcMessage ?? ""})`);
@@ -751,7 +754,7 @@ it("slow consumers - a Subscribe client that stopped reading does not hold up sh
   });
   let stuck: RawGrpcStream<typeof NotificationSchema> | undefined;
   try {
-    stuck = await floodPausedSubscriber(server, "stuckstop");
+    ({ stream: stuck } = await floodPausedSubscriber(server, "stuckstop"));
     const started = Date.now();
     await server.stop();
     const tookMs = Date.now() - started;
@@ -772,19 +775,14 @@ it("slow consumers - an HTTP/1.1 Subscribe client that stopped reading does not 
   let socketClosed = false;
   let response: http.IncomingMessage | undefined;
   try {
-    const tenant = uniqueTenant("stuckh1");
-    const alice = await user(server.url, tenant, "alice", "connect-http2");
-    const { chat } = await alice.chats.createChat({ name: "firehose", memberIds: ["mallory"] });
+    const { tenant, send } = await firehose(server, "stuckh1");
     // Connect's streaming protocol over HTTP/1.1, one connection of its own.
     const request = toBinary(SubscribeRequestSchema, create(SubscribeRequestSchema, { includeMessages: true }));
-    const body = Buffer.alloc(5 + request.length);
-    body.writeUInt32BE(request.length, 1);
-    body.set(request, 5);
     const req = http.request(`${server.url}/parley.v1.NotificationService/Subscribe`, {
       method: "POST", agent: false,
       headers: { "content-type": "application/connect+proto", "connect-protocol-version": "1", authorization: `Bearer ${await tokenFor(tenant, "mallory")}` },
     });
-    req.end(body);
+    req.end(envelope(request));
     response = await new Promise<http.IncomingMessage>((resolve, reject) => req.once("response", resolve).once("error", reject));
     assert.is(response.statusCode, 200);
     response.socket.once("close", () => (socketClosed = true));
@@ -794,8 +792,7 @@ it("slow consumers - an HTTP/1.1 Subscribe client that stopped reading does not 
     // Stop reading; 6.4 MB of events: more than the socket buffers of both ends take (the server's send
     // buffer grows to 4 MiB at most, the reader's window does not grow while it reads nothing).
     response.pause();
-    const text = "ж".repeat(4000);
-    for (let i = 0; i < 800; i++) await alice.messages.sendMessage({ chatId: chat!.id, text });
+    for (let n = 1; n <= 800; n++) await send(n);
     const started = Date.now();
     await server.stop();
     const tookMs = Date.now() - started;

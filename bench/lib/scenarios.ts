@@ -26,8 +26,13 @@ async function createChats(ctx: Context, tenant: string, groups: string[][], nam
 }
 
 /** Spreads users over the receiver workers (round robin) and opens one Subscribe stream per user. */
+/** Users dealt round robin to the receiver workers. */
+function byReceiver(ctx: Context, users: string[]): string[][] {
+  return ctx.receivers.map((_, r) => users.filter((_, i) => i % ctx.receivers.length === r));
+}
+
 async function subscribeAll(ctx: Context, tenant: string, users: string[], opts: { connectionsPerWorker?: number; dedicated?: boolean; reopen?: boolean } = {}) {
-  const parts = ctx.receivers.map((_, r) => users.filter((_, i) => i % ctx.receivers.length === r));
+  const parts = byReceiver(ctx, users);
   const results = await Promise.all(
     ctx.receivers.map((worker, r) =>
       worker.call<{ ready: number; failed: number; ms: number }>("subscribe", {
@@ -540,15 +545,15 @@ export async function idleScenario(ctx: Context): Promise<IdleScenario> {
   }
 
   // Hub connections: one WebSocket each, on another fresh server.
+  const openHubs = async (add: string[]) => {
+    const parts = byReceiver(ctx, add);
+    const results = await Promise.all(ctx.receivers.map((worker, r) =>
+      worker.call<{ ready: number; failed: number }>("hubConnect", { baseUrl: ctx.server!.url, tenant, users: parts[r], batch: 250, readyTimeoutMs: 60_000 }, 240_000)));
+    return { ready: results.reduce((a, x) => a + x.ready, 0), failed: results.reduce((a, x) => a + x.failed, 0) };
+  };
+  const closeHubs = () => Promise.all(ctx.receivers.map((w) => w.call("hubClose", {}, 30_000)));
   await ctx.startServer("d-hub", true);
   try {
-    const openHubs = async (add: string[]) => {
-      const parts = ctx.receivers.map((_, r) => add.filter((_, i) => i % ctx.receivers.length === r));
-      const results = await Promise.all(ctx.receivers.map((worker, r) =>
-        worker.call<{ ready: number; failed: number }>("hubConnect", { baseUrl: ctx.server!.url, tenant, users: parts[r], batch: 250, readyTimeoutMs: 60_000 }, 240_000)));
-      return { ready: results.reduce((a, x) => a + x.ready, 0), failed: results.reduce((a, x) => a + x.failed, 0) };
-    };
-    const closeHubs = () => Promise.all(ctx.receivers.map((w) => w.call("hubClose", {}, 30_000)));
     await openHubs(users.slice(0, 200));
     await closeHubs();
     await sleep(ctx.plan.quick ? 1000 : 3000);
@@ -565,7 +570,7 @@ export async function idleScenario(ctx: Context): Promise<IdleScenario> {
       result.hub.push(await measure(`${target} hub connections`, base, target, target, ready, failed, result.hub.at(-1)));
     }
   } finally {
-    await Promise.all(ctx.receivers.map((w) => w.call("hubClose", {}, 30_000))).catch((e) => ctx.log(`  cleanup: ${e}`));
+    await closeHubs().catch((e) => ctx.log(`  cleanup: ${e}`));
     const report = await ctx.stopServer();
     if (report) lastServerReport.set("d-hub", report);
   }

@@ -72,7 +72,7 @@ async function bearer(tenant: string, user: string): Promise<string> {
 }
 
 function codeOf(error: unknown): string {
-  if (error instanceof GrpcError) return error.code;
+  if (error instanceof GrpcError || error instanceof HubError) return error.code;
   const code = ConnectError.from(error).code;
   return Code[code] ?? String(code);
 }
@@ -263,6 +263,11 @@ function closeStreams() {
   streams = [];
   for (const pool of receiverPools) pool.close();
   receiverPools = [];
+  hubClients.clear();
+  if (hubSockets.length === 0) {
+    clearInterval(hubPinger);
+    hubPinger = undefined;
+  }
   return { closed };
 }
 
@@ -339,11 +344,22 @@ interface SendArgs {
   connections: number;
   timeoutMs: number;
   keepKey: string;
+  /** "hub": each message goes over its sender's hub connection held by this worker (hubSubscribe). */
+  via?: "grpc" | "hub";
+  /** Message numbers are counter × stride + offset, so several sending workers never share one. */
+  numbering?: { stride: number; offset: number };
 }
 
 async function send(args: SendArgs) {
-  const { raw } = senders(args.baseUrl, args.connections);
-  for (const chat of args.chats) for (const member of chat.members) await bearer(args.tenant, member);
+  const via = args.via ?? "grpc";
+  const raw = via === "grpc" ? senders(args.baseUrl, args.connections).raw : undefined;
+  if (raw) for (const chat of args.chats) for (const member of chat.members) await bearer(args.tenant, member);
+  const { stride, offset } = args.numbering ?? { stride: 1, offset: 0 };
+  // Over the hub a member can only send from a connection this worker holds.
+  const sendable = args.chats
+    .map((chat, index) => ({ chat, index, from: via === "hub" ? chat.members.filter((m) => hubClients.has(m)) : chat.members }))
+    .filter((c) => c.from.length > 0);
+  if (sendable.length === 0) throw new Error("no chat has a member this worker can send as");
   const keep = kept.get(args.keepKey) ?? { ids: [], chats: [], texts: [] };
   kept.set(args.keepKey, keep);
   const hist = new Histogram();
@@ -357,22 +373,26 @@ async function send(args: SendArgs) {
   let shed = 0;
   let inFlight = 0;
   let counter = 0;
+  let numbersUsed = 0;
   const padding = "x".repeat(Math.max(0, args.textBytes - 40));
   const started = clock();
   const end = started + args.durationMs;
   const inFlightDone = new Set<Promise<void>>();
 
   const sendOne = async (): Promise<void> => {
-    const i = counter++;
-    const chat = args.chats[i % args.chats.length]!;
-    const sender = chat.members[Math.floor(i / args.chats.length) % chat.members.length]!;
-    const authorization = tokens.get(`${args.tenant}\u0000${sender}`)!;
+    const k = counter++;
+    const i = k * stride + offset;
+    numbersUsed = i + 1;
+    const { chat, index, from } = sendable[k % sendable.length]!;
+    const sender = from[Math.floor(k / sendable.length) % from.length]!;
     attempted++;
     inFlight++;
     const t0 = clock();
     const text = `${args.phase}|${t0.toFixed(3)}|${i}|${padding}`;
     try {
-      const response = await raw.unary(sendPath, sendMessageRequest(chat.id, text), authorization, args.timeoutMs);
+      const messageId = raw
+        ? sentMessageId(await raw.unary(sendPath, sendMessageRequest(chat.id, text), tokens.get(`${args.tenant}\u0000${sender}`)!, args.timeoutMs))
+        : await hubSendMessage(sender, chat.id, text, args.timeoutMs);
       const t1 = clock();
       hist.record(t1 - t0);
       accepted++;
@@ -382,10 +402,10 @@ async function send(args: SendArgs) {
         grown.set(accepted16);
         accepted16 = grown;
       }
-      accepted16[i] = (i % args.chats.length) + 1;
+      accepted16[i] = index + 1;
       const second = Math.floor((t1 - started) / 1000);
       perSecond[second] = (perSecond[second] ?? 0) + 1;
-      keep.ids.push(sentMessageId(response));
+      keep.ids.push(messageId);
       keep.chats.push(chat.id);
       keep.texts.push(text);
     } catch (error) {
@@ -428,7 +448,7 @@ async function send(args: SendArgs) {
     elapsedMs: Math.round(elapsedMs),
     acceptedPerSecond: accepted / (elapsedMs / 1000),
     perSecond: Array.from(perSecond, (v) => v ?? 0),
-    acceptedChats: Buffer.from(accepted16.buffer, 0, Math.min(accepted16.length, counter) * 2).toString("base64"),
+    acceptedChats: Buffer.from(accepted16.buffer, 0, Math.min(accepted16.length, numbersUsed) * 2).toString("base64"),
     sendLatency: hist.toJSON(),
     started, sendEnd,
   };
@@ -731,8 +751,11 @@ const recordSeparator = "\x1e";
 let hubSockets: WebSocket[] = [];
 let hubPinger: NodeJS.Timeout | undefined;
 
-/** Opens one hub connection: upgrade with the bearer header, handshake, then waits for the Ready event. */
-function openHub(baseUrl: string, authorization: string, timeoutMs: number): Promise<WebSocket> {
+/**
+ * Opens one hub connection: upgrade with the bearer header, handshake, then waits for the Ready event;
+ * `onFrame` gets every frame after the one that carried Ready (installed in the same tick, so none is missed).
+ */
+function openHub(baseUrl: string, authorization: string, timeoutMs: number, onFrame?: (data: Buffer) => void): Promise<WebSocket> {
   return new Promise((resolve, reject) => {
     const ws = new WebSocket(`${baseUrl.replace(/^http/, "ws")}/hubs/chat`, { headers: { authorization }, perMessageDeflate: false });
     const timer = setTimeout(() => fail(new Error("hub connection not ready in time")), timeoutMs);
@@ -751,6 +774,7 @@ function openHub(baseUrl: string, authorization: string, timeoutMs: number): Pro
       ws.removeAllListeners("close");
       ws.removeAllListeners("error");
       ws.on("error", () => {});
+      if (onFrame) ws.on("message", onFrame);
       resolve(ws);
     };
     ws.on("message", onMessage);
@@ -771,12 +795,16 @@ async function hubConnect(args: { baseUrl: string; tenant: string; users: string
       } else failed++;
     }
   }
-  // The hub closes clients silent for PARLEY_HUB_TIMEOUT_SECONDS (30 s by default): a SignalR ping keeps them open.
+  startHubPings();
+  return { ready, failed };
+}
+
+/** The hub closes clients silent for PARLEY_HUB_TIMEOUT_SECONDS (30 s by default): a SignalR ping keeps them open. */
+function startHubPings(): void {
   hubPinger ??= setInterval(() => {
     const ping = JSON.stringify({ type: 6 }) + recordSeparator;
-    for (const ws of hubSockets) if (ws.readyState === WebSocket.OPEN) ws.send(ping);
+    for (const ws of [...hubSockets, ...[...hubClients.values()].map((c) => c.ws)]) if (ws.readyState === WebSocket.OPEN) ws.send(ping);
   }, 10_000);
-  return { ready, failed };
 }
 
 function hubClose() {
@@ -789,9 +817,115 @@ function hubClose() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Measured hub clients: each user's one hub connection receives its events (counted like a Subscribe
+// stream's) and carries that user's SendMessage invocations.
+
+interface HubClient {
+  ws: WebSocket;
+  stream: Stream;
+  pending: Map<string, { resolve: (result: { id: string }) => void; reject: (error: Error) => void; timer: NodeJS.Timeout }>;
+  nextInvocation: number;
+}
+const hubClients = new Map<string, HubClient>();
+
+class HubError extends Error {
+  constructor(readonly code: string, message: string) {
+    super(message);
+  }
+}
+
+const hubEventKinds: Record<string, NotificationSummary["kind"]> = {
+  MessageCreated: "messageCreated", ChatCreated: "chatCreated", MemberAdded: "memberAdded", MemberRemoved: "memberRemoved", ReadUpdated: "readUpdated",
+};
+
+function onHubFrame(client: HubClient, data: Buffer): void {
+  for (const record of data.toString("utf8").split(recordSeparator)) {
+    if (!record) continue;
+    const m = JSON.parse(record) as { type: number; target?: string; arguments?: any[]; invocationId?: string; result?: { id: string }; error?: string };
+    if (m.type === 1) {
+      const event = m.arguments?.[0];
+      const kind = hubEventKinds[m.target ?? ""] ?? "none";
+      onNotification(client.stream, kind === "messageCreated"
+        ? { kind, chatId: event.chatId, sequence: Number(event.sequence), text: event.message?.text }
+        : { kind, chatId: "", sequence: 0 });
+    } else if (m.type === 3) {
+      const call = client.pending.get(m.invocationId ?? "");
+      if (!call) continue;
+      client.pending.delete(m.invocationId!);
+      clearTimeout(call.timer);
+      if (m.error !== undefined) call.reject(new HubError(m.error.split(":")[0] ?? "error", m.error));
+      else call.resolve(m.result!);
+    }
+  }
+}
+
+function openHubClient(baseUrl: string, tenant: string, user: string, timeoutMs: number): Stream {
+  let markReady: (ok: boolean) => void = () => {};
+  const stream: Stream = {
+    tenant, user, abort: new AbortController(), closed: false, failures: 0, seen: new Map(),
+    ready: new Promise<boolean>((resolve) => (markReady = resolve)),
+  };
+  void (async () => {
+    const client: HubClient = { ws: undefined as unknown as WebSocket, stream, pending: new Map(), nextInvocation: 1 };
+    try {
+      client.ws = await openHub(baseUrl, await bearer(tenant, user), timeoutMs, (data) => onHubFrame(client, data));
+    } catch (error) {
+      stream.failures++;
+      totals.streamErrors[String((error as Error).message)] = (totals.streamErrors[String((error as Error).message)] ?? 0) + 1;
+      markReady(false);
+      return;
+    }
+    hubClients.set(user, client);
+    stream.abort.signal.addEventListener("abort", () => client.ws.terminate());
+    client.ws.on("close", (code) => {
+      for (const call of client.pending.values()) {
+        clearTimeout(call.timer);
+        call.reject(new HubError("closed", `hub connection closed (${code})`));
+      }
+      client.pending.clear();
+      if (hubClients.get(user) === client) hubClients.delete(user);
+      if (stream.closed) return;
+      stream.failures++;
+      totals.streamErrors[`hub closed ${code}`] = (totals.streamErrors[`hub closed ${code}`] ?? 0) + 1;
+    });
+    markReady(true);
+  })();
+  return stream;
+}
+
+/** Like subscribe, over the hub: one WebSocket per user (the hub always includes message bodies). */
+async function hubSubscribe(args: { baseUrl: string; tenant: string; users: string[]; batch: number; readyTimeoutMs: number }) {
+  const started = performance.now();
+  let ready = 0;
+  let failed = 0;
+  for (let i = 0; i < args.users.length; i += args.batch) {
+    const batch = args.users.slice(i, i + args.batch).map((user) => openHubClient(args.baseUrl, args.tenant, user, args.readyTimeoutMs));
+    streams.push(...batch);
+    for (const ok of await Promise.all(batch.map((s) => s.ready))) ok ? ready++ : failed++;
+  }
+  startHubPings();
+  return { ready, failed, ms: Math.round(performance.now() - started), streams: streams.length };
+}
+
+/** SendMessage(chatId, text) on the sender's own hub connection; resolves with the stored message's id. */
+function hubSendMessage(user: string, chatId: string, text: string, timeoutMs: number): Promise<string> {
+  const client = hubClients.get(user);
+  if (!client) return Promise.reject(new HubError("no connection", `no hub connection for ${user}`));
+  const invocationId = String(client.nextInvocation++);
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      client.pending.delete(invocationId);
+      reject(new HubError("deadline_exceeded", "no completion in time"));
+    }, timeoutMs);
+    client.pending.set(invocationId, { resolve: (message) => resolve(message.id), reject, timer });
+    client.ws.send(JSON.stringify({ type: 1, invocationId, target: "SendMessage", arguments: [chatId, text] }) + recordSeparator);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 
 const commands: Record<string, (args: any) => unknown> = {
-  subscribe, closeStreams, resetReceivers, stats, counts, send, createChats, verify, history,
+  subscribe, hubSubscribe, closeStreams, resetReceivers, stats, counts, send, createChats, verify, history,
   pgInsert, pgStoreSend, natsBench, wsConnect, wsClose, hubConnect, hubClose,
   delivered: () => {
     let n = 0;

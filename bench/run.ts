@@ -8,7 +8,7 @@
  *
  * Environment: BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/test: the server where the
  * bench database is created), BENCH_NATS_URL (default nats://127.0.0.1:4222), BENCH_QUICK=1,
- * BENCH_ONLY=a,b,c,d,e,f (a subset of scenarios), BENCH_PROFILE=1 (server runs with --cpu-prof; the
+ * BENCH_ONLY=a,b,c,d,e,f,g,h (a subset of scenarios; g and h repeat a and b over the SignalR hub), BENCH_PROFILE=1 (server runs with --cpu-prof; the
  * profiles are summarised into the results; profiling slows the server, so do not compare those figures),
  * BENCH_SERVER_REF (run Parley from `git archive` of this commit, e.g. HEAD, instead of the working tree),
  * BENCH_PHASE_S (seconds per load phase), BENCH_RATES_CHATS10 / BENCH_RATES_CHATS100 (offered rates, comma-separated), BENCH_QUIET_WAIT_S (longest wait before each scenario for the
@@ -233,6 +233,12 @@ async function main(): Promise<void> {
   });
   await scenario("b", "1,000 clients in chats of 100", async () => {
     results.chats100 = await fanoutScenario(c, "b", 100, 1000, plan.ratesChats100);
+  });
+  await scenario("g", "1,000 clients in chats of 10 over the SignalR hub", async () => {
+    results.chats10Hub = await fanoutScenario(c, "g", 10, 1000, plan.ratesChats10, "hub");
+  });
+  await scenario("h", "1,000 clients in chats of 100 over the SignalR hub", async () => {
+    results.chats100Hub = await fanoutScenario(c, "h", 100, 1000, plan.ratesChats100, "hub");
   });
   await scenario("c", "send throughput at saturation, fan-out 1", async () => {
     results.fanout1 = await fanout1Scenario(c);

@@ -25,17 +25,23 @@ async function createChats(ctx: Context, tenant: string, groups: string[][], nam
   return ids.map((id, i) => ({ id, members: groups[i]! }));
 }
 
-/** Spreads users over the receiver workers (round robin) and opens one Subscribe stream per user. */
+/** How receivers get events and senders send: gRPC (Subscribe streams, SendMessage calls) or the SignalR hub (one WebSocket per user). */
+export type Via = "grpc" | "hub";
+
 /** Users dealt round robin to the receiver workers. */
 function byReceiver(ctx: Context, users: string[]): string[][] {
   return ctx.receivers.map((_, r) => users.filter((_, i) => i % ctx.receivers.length === r));
 }
 
-async function subscribeAll(ctx: Context, tenant: string, users: string[], opts: { connectionsPerWorker?: number; dedicated?: boolean; reopen?: boolean } = {}) {
+/** Opens one Subscribe stream (or, via the hub, one hub connection) per user, spread over the receiver workers. */
+async function subscribeAll(ctx: Context, tenant: string, users: string[], opts: { connectionsPerWorker?: number; dedicated?: boolean; reopen?: boolean; via?: Via } = {}) {
   const parts = byReceiver(ctx, users);
   const results = await Promise.all(
-    ctx.receivers.map((worker, r) =>
-      worker.call<{ ready: number; failed: number; ms: number }>("subscribe", {
+    ctx.receivers.map((worker, r) => opts.via === "hub"
+      ? worker.call<{ ready: number; failed: number; ms: number }>("hubSubscribe", {
+        baseUrl: ctx.server!.url, tenant, users: parts[r], batch: 250, readyTimeoutMs: 180_000,
+      }, 240_000)
+      : worker.call<{ ready: number; failed: number; ms: number }>("subscribe", {
         baseUrl: ctx.server!.url,
         tenant,
         users: parts[r],
@@ -104,6 +110,51 @@ interface SendResult {
   perSecond: number[]; sendLatency: HistogramData; started: number; sendEnd: number; acceptedChats: string;
 }
 
+function addCounts(into: Record<string, number>, from: Record<string, number>): void {
+  for (const [k, v] of Object.entries(from)) into[k] = (into[k] ?? 0) + v;
+}
+
+/** One result from several sending workers (message numbers never overlap: see `numbering`). */
+function mergeSends(parts: SendResult[]): SendResult {
+  const hist = new Histogram();
+  const errors: Record<string, number> = {};
+  const acceptedPerChat: Record<string, number> = {};
+  const perSecond: number[] = [];
+  const chats = parts.map((p) => u16(p.acceptedChats));
+  const acceptedChats = new Uint16Array(Math.max(0, ...chats.map((c) => c.length)));
+  for (const [j, p] of parts.entries()) {
+    hist.merge(p.sendLatency);
+    addCounts(errors, p.errors);
+    addCounts(acceptedPerChat, p.acceptedPerChat);
+    p.perSecond.forEach((n, second) => (perSecond[second] = (perSecond[second] ?? 0) + n));
+    chats[j]!.forEach((chat, i) => chat && (acceptedChats[i] = chat));
+  }
+  const started = Math.min(...parts.map((p) => p.started));
+  const sendEnd = Math.max(...parts.map((p) => p.sendEnd));
+  const sum = (f: (p: SendResult) => number) => parts.reduce((a, p) => a + f(p), 0);
+  return {
+    attempted: sum((p) => p.attempted), accepted: sum((p) => p.accepted), shed: sum((p) => p.shed), errors, acceptedPerChat,
+    stillInFlight: sum((p) => p.stillInFlight), elapsedMs: Math.round(sendEnd - started),
+    acceptedPerSecond: sum((p) => p.accepted) / ((sendEnd - started) / 1000),
+    perSecond: Array.from(perSecond, (v) => v ?? 0), sendLatency: hist.toJSON(), started, sendEnd,
+    acceptedChats: Buffer.from(acceptedChats.buffer).toString("base64"),
+  };
+}
+
+/**
+ * Sends for one phase. Over gRPC the sender worker calls SendMessage as any member; over the hub each
+ * receiver worker sends on the connections it holds, with the load split evenly between them.
+ */
+async function sendPhase(ctx: Context, via: Via, args: Record<string, unknown> & { rate: number; concurrency: number; maxInFlight: number; durationMs: number }): Promise<SendResult> {
+  const timeout = args.durationMs + 60_000;
+  if (via === "grpc") return ctx.sender.call<SendResult>("send", args, timeout);
+  const n = ctx.receivers.length;
+  return mergeSends(await Promise.all(ctx.receivers.map((worker, r) => worker.call<SendResult>("send", {
+    ...args, via, numbering: { stride: n, offset: r },
+    rate: args.rate / n, concurrency: Math.ceil(args.concurrency / n), maxInFlight: Math.ceil(args.maxInFlight / n),
+  }, timeout))));
+}
+
 export interface PhaseResult {
   label: string;
   offered: string;
@@ -143,14 +194,14 @@ export interface PhaseResult {
 /** One load phase with deliveries: send, wait for the stragglers, count and time what arrived. */
 async function deliveryPhase(
   ctx: Context, tenant: string, chats: Chat[], label: string, phase: string,
-  load: { mode: "rate"; rate: number } | { mode: "closed"; concurrency: number }, durationMs: number,
+  load: { mode: "rate"; rate: number } | { mode: "closed"; concurrency: number }, durationMs: number, via: Via = "grpc",
 ): Promise<PhaseResult> {
   const members = new Map(chats.map((c) => [c.id, c.members.length]));
   // Start from an idle server: requests abandoned by the previous phase's clients may still be running.
   const settleMs = await ctx.waitServerIdle(ctx.plan.settleMaxMs);
   if (settleMs > 1500) ctx.log(`  waited ${settleMs} ms for the server to go idle`);
   await ctx.startWindow();
-  const sent = await ctx.sender.call<SendResult>("send", {
+  const sent = await sendPhase(ctx, via, {
     baseUrl: ctx.server!.url,
     tenant,
     chats,
@@ -164,7 +215,7 @@ async function deliveryPhase(
     connections: ctx.plan.senderConnections,
     timeoutMs: 10_000,
     keepKey: tenant,
-  }, durationMs + 60_000);
+  });
   const usage = await ctx.stopWindow();
   let expected = 0;
   for (const [chatId, n] of Object.entries(sent.acceptedPerChat)) expected += n * (members.get(chatId) ?? 0);
@@ -329,17 +380,26 @@ export interface Verification {
   lostDeliveries: number;
 }
 
-async function verifyScenario(ctx: Context, tenant: string, chats: Chat[]): Promise<{ verification: Verification; receivers: ReturnType<typeof mergeTotals> }> {
-  const v = await ctx.sender.call<{
+async function verifyScenario(ctx: Context, tenant: string, chats: Chat[], via: Via = "grpc"): Promise<{ verification: Verification; receivers: ReturnType<typeof mergeTotals> }> {
+  // Each worker that sent checks the messages it kept; the tenant-wide figures are the same from any of them.
+  const sentBy = via === "hub" ? ctx.receivers : [ctx.sender];
+  const checks = await Promise.all(sentBy.map((worker) => worker.call<{
     accepted: number; found: number; mismatched: number; missing: string[]; tenantRows: number; chats: number;
     sequenceProblems: number; lastSequences: Record<string, number>;
-  }>("verify", { databaseUrl: ctx.databaseUrl, tenant, keepKey: tenant }, 300_000);
+  }>("verify", { databaseUrl: ctx.databaseUrl, tenant, keepKey: tenant }, 300_000)));
+  const v = {
+    ...checks[0]!,
+    accepted: checks.reduce((a, c) => a + c.accepted, 0),
+    found: checks.reduce((a, c) => a + c.found, 0),
+    mismatched: checks.reduce((a, c) => a + c.mismatched, 0),
+    missing: checks.flatMap((c) => c.missing).slice(0, 5),
+  };
   const stats = await receiverStats(ctx, [], true);
   let expected = 0;
   for (const chat of chats) expected += chat.members.length * (v.lastSequences[chat.id] ?? 0);
   let received = 0;
   for (const s of stats) for (const n of Object.values(s.byChat ?? {})) received += n;
-  await ctx.sender.call("forget", { keepKey: tenant }, 30_000);
+  await Promise.all(sentBy.map((worker) => worker.call("forget", { keepKey: tenant }, 30_000)));
   const verification: Verification = {
     accepted: v.accepted, found: v.found, mismatched: v.mismatched, missing: v.missing, tenantRows: v.tenantRows,
     chats: v.chats, sequenceProblems: v.sequenceProblems,
@@ -351,6 +411,7 @@ async function verifyScenario(ctx: Context, tenant: string, chats: Chat[]): Prom
 }
 
 export interface FanoutScenario {
+  via?: Via;
   chatSize: number;
   clients: number;
   chats: number;
@@ -364,7 +425,7 @@ export interface FanoutScenario {
 }
 
 /** Scenarios (a) and (b): `clients` users in chats of `chatSize`, every member subscribed with bodies. */
-export async function fanoutScenario(ctx: Context, key: string, chatSize: number, clients: number, rates: number[]): Promise<FanoutScenario> {
+export async function fanoutScenario(ctx: Context, key: string, chatSize: number, clients: number, rates: number[], via: Via = "grpc"): Promise<FanoutScenario> {
   const tenant = `bench-${key}-${hex()}`;
   await ctx.startServer(key);
   try {
@@ -375,20 +436,20 @@ export async function fanoutScenario(ctx: Context, key: string, chatSize: number
     const chats = await createChats(ctx, tenant, groups, `chat of ${chatSize}`);
     const createChatsMs = Math.round(performance.now() - t0);
     t0 = performance.now();
-    const sub = await subscribeAll(ctx, tenant, users);
-    ctx.log(`  ${chats.length} chats of ${chatSize}, ${sub.ready}/${clients} Subscribe streams ready (${sub.failed} failed) in ${Math.round(performance.now() - t0)} ms`);
+    const sub = await subscribeAll(ctx, tenant, users, { via });
+    ctx.log(`  ${chats.length} chats of ${chatSize}, ${sub.ready}/${clients} ${via === "hub" ? "hub connections" : "Subscribe streams"} ready (${sub.failed} failed) in ${Math.round(performance.now() - t0)} ms`);
     const result: FanoutScenario = {
-      chatSize, clients, chats: chats.length,
+      via, chatSize, clients, chats: chats.length,
       setup: { createChatsMs, subscribeMs: Math.round(performance.now() - t0), ready: sub.ready, failed: sub.failed },
       phases: [],
     };
-    await deliveryPhase(ctx, tenant, chats, "warm-up", `${key}warm`, { mode: "rate", rate: Math.min(200, rates[0]! / 2) }, ctx.plan.warmupMs);
+    await deliveryPhase(ctx, tenant, chats, "warm-up", `${key}warm`, { mode: "rate", rate: Math.min(200, rates[0]! / 2) }, ctx.plan.warmupMs, via);
     for (const rate of rates) {
-      result.phases.push(await deliveryPhase(ctx, tenant, chats, `${rate}/s`, `${key}r${rate}`, { mode: "rate", rate }, ctx.plan.phaseMs));
+      result.phases.push(await deliveryPhase(ctx, tenant, chats, `${rate}/s`, `${key}r${rate}`, { mode: "rate", rate }, ctx.plan.phaseMs, via));
     }
-    result.phases.push(await deliveryPhase(ctx, tenant, chats, "saturation", `${key}sat`, { mode: "closed", concurrency: ctx.plan.saturationConcurrency }, ctx.plan.phaseMs));
+    result.phases.push(await deliveryPhase(ctx, tenant, chats, "saturation", `${key}sat`, { mode: "closed", concurrency: ctx.plan.saturationConcurrency }, ctx.plan.phaseMs, via));
     result.finalDrain = await finalDrain(ctx, tenant, chats, result.phases);
-    const checked = await verifyScenario(ctx, tenant, chats);
+    const checked = await verifyScenario(ctx, tenant, chats, via);
     result.verification = checked.verification;
     result.receivers = checked.receivers;
     return result;

@@ -637,6 +637,33 @@ it("slow consumers - a hub client that never reads: the server drops its socket 
   }
 });
 
+it("slow consumers - a hub client that pauses gets every event in order once it reads again, also events sent meanwhile", async () => {
+  // A queue that never overflows: what the socket's buffers cannot take waits in the server's queue.
+  const server = await startTestServer({ ...NO_RATE_LIMIT, PARLEY_STREAM_QUEUE_LIMIT: "2000", PARLEY_HUB_KEEPALIVE_SECONDS: "3600" });
+  let paused: RawHub | undefined;
+  try {
+    const { tenant, send } = await firehose(server, "pausinghub");
+    paused = await RawHub.connect(server.url, await tokenFor(tenant, "mallory"));
+    assert.is((await paused.next()).target, "Ready");
+    paused.ws.pause();
+    // ~8 KiB each: far more than the kernel's socket buffers and the hub's 256 KiB write buffer hold.
+    const whilePaused = 600;
+    for (let n = 1; n <= whilePaused; n++) await send(n);
+    paused.ws.resume();
+    for (let n = whilePaused + 1; n <= whilePaused + 50; n++) await send(n);
+    const sequences: number[] = [];
+    while (sequences.length < whilePaused + 50) {
+      const record = await paused.next({ timeoutMs: 10_000 });
+      if (record.target === "MessageCreated") sequences.push(Number(record.arguments[0].sequence));
+    }
+    assert.equal(sequences, Array.from({ length: whilePaused + 50 }, (_, i) => i + 1));
+    assert.is(paused.closeCode, undefined, "the connection stayed open");
+  } finally {
+    paused?.close();
+    await server.destroy();
+  }
+});
+
 it("slow consumers - a WatchMessages client that stops reading resyncs from storage: every message exactly once, in order", async () => {
   const server = await startTestServer(NO_RATE_LIMIT);
   let stuck: RawGrpcStream<typeof MessageSchema> | undefined;

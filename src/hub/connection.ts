@@ -2,10 +2,11 @@ import { setMaxListeners } from "node:events";
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { WebSocket, type RawData } from "ws";
-import { SubscribeRequestSchema } from "../../gen/parley/v1/notification_pb.js";
+import { SubscribeRequestSchema, type Notification } from "../../gen/parley/v1/notification_pb.js";
 import type { Caller } from "../auth/caller.js";
 import type { UnauthenticatedError } from "../errors.js";
 import type { Logger } from "../observability/logger.js";
+import type { StreamOutput } from "../services/event-queue.js";
 import { errorText } from "./error-text.js";
 import { eventInvocation } from "./events.js";
 import type { HubSocket } from "./hub-socket.js";
@@ -178,11 +179,15 @@ export class HubConnection {
     const signal = this.subscription.signal;
     try {
       const request = create(SubscribeRequestSchema, { includeMessages: true });
-      // A client that stopped reading cannot receive a Close message either: drop the socket.
-      const output = { cutOff: () => this.ws.terminate() };
+      const output: StreamOutput<Notification> = {
+        // Events after Ready are written from the bus callback, without a trip through this loop.
+        write: (notification) => this.sendEvent(notification),
+        // A client that stopped reading cannot receive a Close message either: drop the socket.
+        cutOff: () => this.ws.terminate(),
+      };
       for await (const notification of this.deps.services.notifications.subscribe(caller, request, signal, output)) {
-        const invocation = eventInvocation(notification);
-        if (invocation !== undefined) await this.sendEvent(invocation);
+        const sent = this.sendEvent(notification);
+        if (sent !== true) await sent;
         if (signal.aborted) return;
       }
       if (!signal.aborted) this.end("unavailable: notification stream ended, reconnect", true, 1011, "stream ended");
@@ -222,11 +227,19 @@ export class HubConnection {
     if (this.ws.readyState === WebSocket.OPEN) this.ws.send(text);
   }
 
-  /** Sends an event, waiting for the socket to drain first when a slow client has fallen behind. */
-  private async sendEvent(text: string): Promise<void> {
-    if (this.ws.readyState !== WebSocket.OPEN || this.ending) return;
-    if (this.ws.bufferedAmount < HIGH_WATER_BYTES) return this.ws.send(text);
-    await Promise.race([new Promise<void>((resolve) => this.ws.send(text, () => resolve())), this.closed]);
+  /**
+   * Sends an event (heartbeats are not forwarded): true when the socket can take more at once, else a
+   * promise that resolves when this event has been written (or the socket closed), so a slow client
+   * that has fallen behind holds back its own stream and nothing else.
+   */
+  private sendEvent(notification: Notification): true | Promise<void> {
+    const text = eventInvocation(notification);
+    if (text === undefined || this.ws.readyState !== WebSocket.OPEN || this.ending) return true;
+    if (this.ws.bufferedAmount < HIGH_WATER_BYTES) {
+      this.ws.send(text);
+      return true;
+    }
+    return Promise.race([new Promise<void>((resolve) => this.ws.send(text, () => resolve())), this.closed]);
   }
 
   private closeSocket(code: number, reason: string): void {

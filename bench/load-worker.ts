@@ -4,7 +4,8 @@
  * concurrency), runs history queries and the raw PostgreSQL / NATS / WebSocket ceilings. Every client
  * speaks gRPC over HTTP/2 with many streams multiplexed on a few connections; the bearer token goes in
  * each call's headers, so one connection carries many users. The measured calls (Subscribe, SendMessage,
- * ListMessages) use the lean client in lib/raw-grpc.ts; set-up calls use Connect-es.
+ * ListMessages) use the lean client in lib/raw-grpc.ts; set-up calls use Connect-es. Over the SignalR
+ * hub (hubSubscribe) each user has its own WebSocket, which receives its events and carries its sends.
  */
 import crypto from "node:crypto";
 import path from "node:path";

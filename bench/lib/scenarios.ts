@@ -424,7 +424,7 @@ export interface FanoutScenario {
   server?: ServerReport;
 }
 
-/** Scenarios (a) and (b): `clients` users in chats of `chatSize`, every member subscribed with bodies. */
+/** Scenarios (a) and (b), and over the hub (g) and (h): `clients` users in chats of `chatSize`, every member receiving bodies. */
 export async function fanoutScenario(ctx: Context, key: string, chatSize: number, clients: number, rates: number[], via: Via = "grpc"): Promise<FanoutScenario> {
   const tenant = `bench-${key}-${hex()}`;
   await ctx.startServer(key);

@@ -1,8 +1,8 @@
 /**
  * One client-load process, driven by bench/run.ts over IPC ({id, cmd, args} → {id, ok, result}).
  * It holds Subscribe streams (receivers), sends messages (open loop at a rate, or closed loop at a
- * concurrency), runs history queries and the raw PostgreSQL / NATS / WebSocket ceilings. Every client
- * speaks gRPC over HTTP/2 with many streams multiplexed on a few connections; the bearer token goes in
+ * concurrency), runs history queries and the raw PostgreSQL / NATS / WebSocket ceilings. gRPC clients
+ * share a few HTTP/2 connections, many streams multiplexed on each; the bearer token goes in
  * each call's headers, so one connection carries many users. The measured calls (Subscribe, SendMessage,
  * ListMessages) use the lean client in lib/raw-grpc.ts; set-up calls use Connect-es. Over the SignalR
  * hub (hubSubscribe) each user has its own WebSocket, which receives its events and carries its sends.

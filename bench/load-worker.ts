@@ -9,6 +9,7 @@
  */
 import crypto from "node:crypto";
 import path from "node:path";
+import { monitorEventLoopDelay } from "node:perf_hooks";
 import { pathToFileURL } from "node:url";
 import { Code, ConnectError, createClient, type Client } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
@@ -27,6 +28,9 @@ const secret = new TextEncoder().encode(process.env.BENCH_JWT_SECRET ?? "");
 /** Wall-clock milliseconds with sub-millisecond resolution; comparable across processes on one machine. */
 const clock = () => performance.timeOrigin + performance.now();
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
+/** This process's own stalls (its GC, its CPU share): a delivery is timed only when its event loop gets to it. */
+const loopDelay = monitorEventLoopDelay({ resolution: 10 });
+loopDelay.enable();
 
 // ---------------------------------------------------------------------------------------------
 // Connections and tokens
@@ -941,6 +945,12 @@ const commands: Record<string, (args: any) => unknown> = {
     return {};
   },
   memory: () => process.memoryUsage(),
+  /** Event-loop delay since the last reset, in ms. */
+  loopDelay: (args: { reset: boolean }) => {
+    const delay = { p99: loopDelay.percentile(99) / 1e6, max: loopDelay.max / 1e6 };
+    if (args.reset) loopDelay.reset();
+    return delay;
+  },
 };
 
 process.on("message", (message: { id: number; cmd: string; args: unknown }) => {

@@ -140,13 +140,18 @@ function ratio(a: number | undefined, b: number | undefined): string {
 
 function phaseTable(s: FanoutScenario, raw: RawCeilings | undefined): string[] {
   const lines = [
-    "| offered | accepted msg/s | deliveries/s | ÷ ws ceiling | latency p50 / p99 / p99.9 ms | lost (messages not reaching every member) | late (after the phase's drain) | dup | out of order | send errors / shed | SendMessage p50 / p99 ms | drain ms | server CPU % (main thread) | server RSS max MiB | clients CPU % | postgres CPU % | nats CPU % | machine CPU % (max " + "200) | other procs CPU % | sustained? |",
-    "|---|---:|---:|---:|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    "| offered | accepted msg/s | deliveries/s | ÷ ws ceiling | latency p50 / p99 / p99.9 ms | lost (messages not reaching every member) | late (after the phase's drain) | dup | out of order | send errors / shed | SendMessage p50 / p99 ms | drain ms | server CPU % (main thread) | server RSS max MiB | event-loop delay p99 / max ms: server; worst client | clients CPU % | postgres CPU % | nats CPU % | machine CPU % (max " + "200) | other procs CPU % | sustained? |",
+    "|---|---:|---:|---:|---|---:|---:|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
   ];
   for (const p of s.phases) {
-    lines.push(`| ${p.offered} | ${fmt(p.acceptedPerSecond)} | ${fmt(p.deliveriesPerSecond, 0)} | ${ratio(p.deliveriesPerSecond, raw?.ws?.deliveriesPerSecond)} | ${lat(p.latency)} | ${p.lost} (${p.incompleteMessages}) | ${p.lateDeliveries ?? "–"} | ${p.duplicates} | ${p.outOfOrder} | ${errorsText(p.sendErrors)} / ${p.shed} | ${fmt(p.sendLatency.p50, 2)} / ${fmt(p.sendLatency.p99, 2)} | ${p.drainMs} | ${serverCpu(p.usage)} | ${fmt(p.usage?.groups.server?.rssMaxMiB)} | ${cpu(p.usage, "clients")} | ${cpu(p.usage, "postgres")} | ${cpu(p.usage, "nats")} | ${fmt(p.usage?.machineCpuPercent)} | ${fmt(p.usage?.otherCpuPercent)} | ${p.offeredRate === null ? "–" : sustained(p) ? "yes" : "no"} |`);
+    lines.push(`| ${p.offered} | ${fmt(p.acceptedPerSecond)} | ${fmt(p.deliveriesPerSecond, 0)} | ${ratio(p.deliveriesPerSecond, raw?.ws?.deliveriesPerSecond)} | ${lat(p.latency)} | ${p.lost} (${p.incompleteMessages}) | ${p.lateDeliveries ?? "–"} | ${p.duplicates} | ${p.outOfOrder} | ${errorsText(p.sendErrors)} / ${p.shed} | ${fmt(p.sendLatency.p50, 2)} / ${fmt(p.sendLatency.p99, 2)} | ${p.drainMs} | ${serverCpu(p.usage)} | ${fmt(p.usage?.groups.server?.rssMaxMiB)} | ${loopDelayText(p)} | ${cpu(p.usage, "clients")} | ${cpu(p.usage, "postgres")} | ${cpu(p.usage, "nats")} | ${fmt(p.usage?.machineCpuPercent)} | ${fmt(p.usage?.otherCpuPercent)} | ${p.offeredRate === null ? "–" : sustained(p) ? "yes" : "no"} |`);
   }
   return lines;
+}
+
+function loopDelayText(p: PhaseResult): string {
+  const d = p.loopDelay;
+  return d ? `${fmt(d.server.p99)} / ${fmt(d.server.max)}; ${fmt(d.clients.p99)} / ${fmt(d.clients.max)}` : "–";
 }
 
 function drainNote(s: FanoutScenario): string {

@@ -4,6 +4,7 @@ import path from "node:path";
 import { Histogram, type HistogramData, type LatencySummary } from "./hist.js";
 import { Context, round, sleep, summary, type ServerReport } from "./context.js";
 import type { WindowUsage } from "./proc-stats.js";
+import { parseMetrics } from "./parley-server.js";
 import { WorkerHandle } from "./worker-handle.js";
 import { heapDiff, type HeapDiffRow } from "../heap-diff.js";
 
@@ -189,6 +190,29 @@ export interface PhaseResult {
   sendLatency: LatencySummary;
   perSecondAccepted: number[];
   usage: WindowUsage | undefined;
+  /**
+   * Event-loop delay (ms) while sending, of Parley and of the worst load worker: a stall in either
+   * delays deliveries or their timing.
+   */
+  loopDelay?: { server: LoopDelay; clients: LoopDelay };
+}
+
+interface LoopDelay { p99: number; max: number }
+
+/**
+ * Event-loop delays since the last call, which resets them: Parley's from its /metrics (prom-client
+ * resets its monitor on every scrape), the load workers' from their own monitors.
+ */
+async function loopDelays(ctx: Context): Promise<{ server: LoopDelay; clients: LoopDelay }> {
+  const [metrics, workers] = await Promise.all([
+    ctx.server!.metrics(),
+    Promise.all(ctx.workers.map((w) => w.call<LoopDelay>("loopDelay", { reset: true }, 30_000))),
+  ]);
+  const lag = parseMetrics(metrics, ["nodejs_eventloop_lag_p99_seconds", "nodejs_eventloop_lag_max_seconds"]);
+  return {
+    server: { p99: round((lag["nodejs_eventloop_lag_p99_seconds"] ?? NaN) * 1000, 1), max: round((lag["nodejs_eventloop_lag_max_seconds"] ?? NaN) * 1000, 1) },
+    clients: { p99: round(Math.max(...workers.map((d) => d.p99)), 1), max: round(Math.max(...workers.map((d) => d.max)), 1) },
+  };
 }
 
 /** One load phase with deliveries: send, wait for the stragglers, count and time what arrived. */
@@ -201,6 +225,7 @@ async function deliveryPhase(
   const settleMs = await ctx.waitServerIdle(ctx.plan.settleMaxMs);
   if (settleMs > 1500) ctx.log(`  waited ${settleMs} ms for the server to go idle`);
   await ctx.startWindow();
+  await loopDelays(ctx);
   const sent = await sendPhase(ctx, via, {
     baseUrl: ctx.server!.url,
     tenant,
@@ -217,6 +242,7 @@ async function deliveryPhase(
     keepKey: tenant,
   });
   const usage = await ctx.stopWindow();
+  const loopDelay = await loopDelays(ctx);
   let expected = 0;
   for (const [chatId, n] of Object.entries(sent.acceptedPerChat)) expected += n * (members.get(chatId) ?? 0);
   ctx.log(`  ${label}: sent (${sent.accepted} accepted), waiting for deliveries`);
@@ -263,6 +289,7 @@ async function deliveryPhase(
     sendLatency: summary(sent.sendLatency),
     perSecondAccepted: sent.perSecond,
     usage,
+    loopDelay,
     lostAtPhaseEnd: lost,
   };
   pendingAccounts.set(result, { phase, acceptedChats: sent.acceptedChats });

@@ -945,10 +945,10 @@ const commands: Record<string, (args: any) => unknown> = {
     return {};
   },
   memory: () => process.memoryUsage(),
-  /** Event-loop delay since the last reset, in ms. */
-  loopDelay: (args: { reset: boolean }) => {
+  /** Event-loop delay since the last call, in ms. */
+  loopDelay: () => {
     const delay = { p99: loopDelay.percentile(99) / 1e6, max: loopDelay.max / 1e6 };
-    if (args.reset) loopDelay.reset();
+    loopDelay.reset();
     return delay;
   },
 };

@@ -206,7 +206,7 @@ interface LoopDelay { p99: number; max: number }
 async function loopDelays(ctx: Context): Promise<{ server: LoopDelay; clients: LoopDelay }> {
   const [metrics, workers] = await Promise.all([
     ctx.server!.metrics(),
-    Promise.all(ctx.workers.map((w) => w.call<LoopDelay>("loopDelay", { reset: true }, 30_000))),
+    Promise.all(ctx.workers.map((w) => w.call<LoopDelay>("loopDelay", {}, 30_000))),
   ]);
   const lag = parseMetrics(metrics, ["nodejs_eventloop_lag_p99_seconds", "nodejs_eventloop_lag_max_seconds"]);
   return {

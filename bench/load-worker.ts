@@ -198,6 +198,10 @@ function countMessage(stats: PhaseStats, i: number): void {
 
 const subscribePath = "/parley.v1.NotificationService/Subscribe";
 
+function countStreamError(kind: string): void {
+  totals.streamErrors[kind] = (totals.streamErrors[kind] ?? 0) + 1;
+}
+
 function openStream(pool: RawGrpc, index: number, tenant: string, user: string, includeMessages: boolean, reopen: boolean): Stream {
   let markReady: (ok: boolean) => void = () => {};
   const stream: Stream = {
@@ -218,7 +222,7 @@ function openStream(pool: RawGrpc, index: number, tenant: string, user: string, 
       const failure = error?.code ?? "ended by server";
       if (stream.closed) break;
       stream.failures++;
-      totals.streamErrors[failure] = (totals.streamErrors[failure] ?? 0) + 1;
+      countStreamError(failure);
       markReady(false);
       if (!reopen) break;
       totals.reopened++;
@@ -269,10 +273,8 @@ function closeStreams() {
   for (const pool of receiverPools) pool.close();
   receiverPools = [];
   hubClients.clear();
-  if (hubSockets.length === 0) {
-    clearInterval(hubPinger);
-    hubPinger = undefined;
-  }
+  clearInterval(hubPinger);
+  hubPinger = undefined;
   return { closed };
 }
 
@@ -750,10 +752,9 @@ function wsClose() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Idle hub connections (SignalR JSON protocol over WebSocket, without negotiate)
+// Hub connections (SignalR JSON protocol over WebSocket, without negotiate)
 
 const recordSeparator = "\x1e";
-let hubSockets: WebSocket[] = [];
 let hubPinger: NodeJS.Timeout | undefined;
 
 /**
@@ -786,44 +787,16 @@ function openHub(baseUrl: string, authorization: string, timeoutMs: number, onFr
   });
 }
 
-async function hubConnect(args: { baseUrl: string; tenant: string; users: string[]; batch: number; readyTimeoutMs: number }) {
-  let ready = 0;
-  let failed = 0;
-  for (let i = 0; i < args.users.length; i += args.batch) {
-    const batch = await Promise.allSettled(
-      args.users.slice(i, i + args.batch).map(async (user) => openHub(args.baseUrl, await bearer(args.tenant, user), args.readyTimeoutMs)),
-    );
-    for (const result of batch) {
-      if (result.status === "fulfilled") {
-        hubSockets.push(result.value);
-        ready++;
-      } else failed++;
-    }
-  }
-  startHubPings();
-  return { ready, failed };
-}
-
 /** The hub closes clients silent for PARLEY_HUB_TIMEOUT_SECONDS (30 s by default): a SignalR ping keeps them open. */
 function startHubPings(): void {
   hubPinger ??= setInterval(() => {
     const ping = JSON.stringify({ type: 6 }) + recordSeparator;
-    for (const ws of [...hubSockets, ...[...hubClients.values()].map((c) => c.ws)]) if (ws.readyState === WebSocket.OPEN) ws.send(ping);
+    for (const { ws } of hubClients.values()) if (ws.readyState === WebSocket.OPEN) ws.send(ping);
   }, 10_000);
 }
 
-function hubClose() {
-  clearInterval(hubPinger);
-  hubPinger = undefined;
-  for (const ws of hubSockets) ws.terminate();
-  const closed = hubSockets.length;
-  hubSockets = [];
-  return { closed };
-}
-
-// ---------------------------------------------------------------------------------------------
-// Measured hub clients: each user's one hub connection receives its events (counted like a Subscribe
-// stream's) and carries that user's SendMessage invocations.
+// Each user's one hub connection receives its events (counted like a Subscribe stream's) and carries
+// that user's SendMessage invocations.
 
 interface HubClient {
   ws: WebSocket;
@@ -871,12 +844,13 @@ function openHubClient(baseUrl: string, tenant: string, user: string, timeoutMs:
     ready: new Promise<boolean>((resolve) => (markReady = resolve)),
   };
   void (async () => {
+    // The client exists before its socket: frames that arrive with Ready are handed to it at once.
     const client: HubClient = { ws: undefined as unknown as WebSocket, stream, pending: new Map(), nextInvocation: 1 };
     try {
       client.ws = await openHub(baseUrl, await bearer(tenant, user), timeoutMs, (data) => onHubFrame(client, data));
     } catch (error) {
       stream.failures++;
-      totals.streamErrors[String((error as Error).message)] = (totals.streamErrors[String((error as Error).message)] ?? 0) + 1;
+      countStreamError((error as Error).message);
       markReady(false);
       return;
     }
@@ -891,15 +865,18 @@ function openHubClient(baseUrl: string, tenant: string, user: string, timeoutMs:
       if (hubClients.get(user) === client) hubClients.delete(user);
       if (stream.closed) return;
       stream.failures++;
-      totals.streamErrors[`hub closed ${code}`] = (totals.streamErrors[`hub closed ${code}`] ?? 0) + 1;
+      countStreamError(`hub closed ${code}`);
     });
     markReady(true);
   })();
   return stream;
 }
 
-/** Like subscribe, over the hub: one WebSocket per user (the hub always includes message bodies). */
-async function hubSubscribe(args: { baseUrl: string; tenant: string; users: string[]; batch: number; readyTimeoutMs: number }) {
+/**
+ * Like subscribe, over the hub: one WebSocket per user (the hub always includes message bodies and
+ * has no shared connections; a closed connection is counted, not reopened).
+ */
+async function hubSubscribe(args: SubscribeArgs) {
   const started = performance.now();
   let ready = 0;
   let failed = 0;
@@ -931,7 +908,7 @@ function hubSendMessage(user: string, chatId: string, text: string, timeoutMs: n
 
 const commands: Record<string, (args: any) => unknown> = {
   subscribe, hubSubscribe, closeStreams, resetReceivers, stats, counts, send, createChats, verify, history,
-  pgInsert, pgStoreSend, natsBench, wsConnect, wsClose, hubConnect, hubClose,
+  pgInsert, pgStoreSend, natsBench, wsConnect, wsClose,
   delivered: () => {
     let n = 0;
     for (const v of receivedByChat.values()) n += v;

@@ -1,5 +1,5 @@
 /**
- * Parley benchmark: `npm run bench` (≈ 9 minutes) or `BENCH_QUICK=1 npm run bench` (≈ 2 minutes).
+ * Parley benchmark: `npm run bench` (≈ 12 minutes) or `BENCH_QUICK=1 npm run bench` (≈ 3 minutes).
  *
  * Starts Parley as its own process against real PostgreSQL (a fresh database, dropped at the end) and
  * NATS, drives it from separate load-worker processes, samples CPU and RSS of every process involved,
@@ -8,7 +8,8 @@
  *
  * Environment: BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/test: the server where the
  * bench database is created), BENCH_NATS_URL (default nats://127.0.0.1:4222), BENCH_QUICK=1,
- * BENCH_ONLY=a,b,c,d,e,f,g,h (a subset of scenarios; g and h repeat a and b over the SignalR hub), BENCH_PROFILE=1 (server runs with --cpu-prof; the
+ * BENCH_ONLY=a,b,c,d,e,f,g,h (a subset of scenarios; g and h repeat a and b over the SignalR hub),
+ * BENCH_PROFILE=1 (server runs with --cpu-prof; the
  * profiles are summarised into the results; profiling slows the server, so do not compare those figures),
  * BENCH_SERVER_REF (run Parley from `git archive` of this commit, e.g. HEAD, instead of the working tree),
  * BENCH_PHASE_S (seconds per load phase), BENCH_RATES_CHATS10 / BENCH_RATES_CHATS100 (offered rates, comma-separated), BENCH_QUIET_WAIT_S (longest wait before each scenario for the

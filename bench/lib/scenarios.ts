@@ -29,20 +29,13 @@ async function createChats(ctx: Context, tenant: string, groups: string[][], nam
 /** How receivers get events and senders send: gRPC (Subscribe streams, SendMessage calls) or the SignalR hub (one WebSocket per user). */
 export type Via = "grpc" | "hub";
 
-/** Users dealt round robin to the receiver workers. */
-function byReceiver(ctx: Context, users: string[]): string[][] {
-  return ctx.receivers.map((_, r) => users.filter((_, i) => i % ctx.receivers.length === r));
-}
-
 /** Opens one Subscribe stream (or, via the hub, one hub connection) per user, spread over the receiver workers. */
 async function subscribeAll(ctx: Context, tenant: string, users: string[], opts: { connectionsPerWorker?: number; dedicated?: boolean; reopen?: boolean; via?: Via } = {}) {
-  const parts = byReceiver(ctx, users);
+  // Users dealt round robin to the receiver workers.
+  const parts = ctx.receivers.map((_, r) => users.filter((_, i) => i % ctx.receivers.length === r));
   const results = await Promise.all(
-    ctx.receivers.map((worker, r) => opts.via === "hub"
-      ? worker.call<{ ready: number; failed: number; ms: number }>("hubSubscribe", {
-        baseUrl: ctx.server!.url, tenant, users: parts[r], batch: 250, readyTimeoutMs: 180_000,
-      }, 240_000)
-      : worker.call<{ ready: number; failed: number; ms: number }>("subscribe", {
+    ctx.receivers.map((worker, r) =>
+      worker.call<{ ready: number; failed: number; ms: number }>(opts.via === "hub" ? "hubSubscribe" : "subscribe", {
         baseUrl: ctx.server!.url,
         tenant,
         users: parts[r],
@@ -633,17 +626,11 @@ export async function idleScenario(ctx: Context): Promise<IdleScenario> {
   }
 
   // Hub connections: one WebSocket each, on another fresh server.
-  const openHubs = async (add: string[]) => {
-    const parts = byReceiver(ctx, add);
-    const results = await Promise.all(ctx.receivers.map((worker, r) =>
-      worker.call<{ ready: number; failed: number }>("hubConnect", { baseUrl: ctx.server!.url, tenant, users: parts[r], batch: 250, readyTimeoutMs: 60_000 }, 240_000)));
-    return { ready: results.reduce((a, x) => a + x.ready, 0), failed: results.reduce((a, x) => a + x.failed, 0) };
-  };
-  const closeHubs = () => Promise.all(ctx.receivers.map((w) => w.call("hubClose", {}, 30_000)));
+  const openHubs = (add: string[]) => subscribeAll(ctx, tenant, add, { via: "hub" });
   await ctx.startServer("d-hub", true);
   try {
     await openHubs(users.slice(0, 200));
-    await closeHubs();
+    await closeAll(ctx);
     await sleep(ctx.plan.quick ? 1000 : 3000);
     const base = await ctx.serverMemory();
     result.hub = [];
@@ -658,7 +645,7 @@ export async function idleScenario(ctx: Context): Promise<IdleScenario> {
       result.hub.push(await measure(`${target} hub connections`, base, target, target, ready, failed, result.hub.at(-1)));
     }
   } finally {
-    await closeHubs().catch((e) => ctx.log(`  cleanup: ${e}`));
+    await closeAll(ctx).catch((e) => ctx.log(`  cleanup: ${e}`));
     const report = await ctx.stopServer();
     if (report) lastServerReport.set("d-hub", report);
   }

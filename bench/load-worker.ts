@@ -353,6 +353,8 @@ interface SendArgs {
   keepKey: string;
   /** "hub": each message goes over its sender's hub connection held by this worker (hubSubscribe). */
   via?: "grpc" | "hub";
+  /** Not over the hub: SendMessage over gRPC (default) or the Connect protocol (binary). */
+  protocol?: "grpc" | "connect";
   /** Message numbers are counter × stride + offset, so several sending workers never share one. */
   numbering?: { stride: number; offset: number };
 }
@@ -398,7 +400,7 @@ async function send(args: SendArgs) {
     const text = `${args.phase}|${t0.toFixed(3)}|${i}|${padding}`;
     try {
       const messageId = raw
-        ? sentMessageId(await raw.unary(sendPath, sendMessageRequest(chat.id, text), tokens.get(`${args.tenant}\u0000${sender}`)!, args.timeoutMs))
+        ? sentMessageId(await (args.protocol === "connect" ? raw.connectUnary : raw.unary).call(raw, sendPath, sendMessageRequest(chat.id, text), tokens.get(`${args.tenant}\u0000${sender}`)!, args.timeoutMs))
         : await hubSendMessage(sender, chat.id, text, args.timeoutMs);
       const t1 = clock();
       hist.record(t1 - t0);
@@ -530,36 +532,45 @@ async function verify(args: { databaseUrl: string; tenant: string; keepKey: stri
 
 const listPath = "/parley.v1.MessageService/ListMessages";
 
-async function history(args: { baseUrl: string; databaseUrl: string; tenant: string; user: string; chatId: string; queries: number; warmup: number; pageSize: number; lastSequence: number }) {
+/**
+ * ListMessages (newest page) in several chats, the queries interleaved (chat 1, chat 2, chat 1, …) so
+ * that every chat's figures meet the same GC pauses, background work and machine speed.
+ */
+async function history(args: { baseUrl: string; databaseUrl: string; tenant: string; user: string; chats: { chatId: string; lastSequence: number }[]; queries: number; warmup: number; pageSize: number }) {
   const client = new RawGrpc(args.baseUrl, 1);
   const sql = postgres(args.databaseUrl, { max: 1, onnotice: () => {}, connect_timeout: 10, types: { bigint: postgres.BigInt } });
   try {
     const authorization = await bearer(args.tenant, args.user);
-    const request = newestMessagesRequest(args.chatId, args.pageSize);
-    const api = new Histogram();
-    let wrong = 0;
+    const out = args.chats.map((chat) => ({ ...chat, request: newestMessagesRequest(chat.chatId, args.pageSize), api: new Histogram(), raw: new Histogram(), wrongPages: 0 }));
     for (let i = 0; i < args.warmup + args.queries; i++) {
-      const t0 = performance.now();
-      const page = readMessagePage(await client.unary(listPath, request, authorization, 10_000));
-      const ms = performance.now() - t0;
-      if (i >= args.warmup) api.record(ms);
-      if (page.count !== args.pageSize || page.firstSequence !== args.lastSequence) wrong++;
+      for (const chat of out) {
+        const t0 = performance.now();
+        const page = readMessagePage(await client.unary(listPath, chat.request, authorization, 10_000));
+        const ms = performance.now() - t0;
+        if (i >= args.warmup) chat.api.record(ms);
+        if (page.count !== args.pageSize || page.firstSequence !== chat.lastSequence) chat.wrongPages++;
+      }
     }
     // The statement Parley runs (the page, with the membership check inside), straight from postgres.js.
-    const raw = new Histogram();
     for (let i = 0; i < args.warmup + args.queries; i++) {
-      const t0 = performance.now();
-      await sql`SELECT * FROM messages WHERE tenant_id = ${args.tenant} AND chat_id = ${args.chatId}
-        AND EXISTS (SELECT 1 FROM members m WHERE m.tenant_id = ${args.tenant} AND m.chat_id = ${args.chatId} AND m.user_id = ${args.user})
-        ORDER BY sequence DESC LIMIT ${args.pageSize + 1}`;
-      const ms = performance.now() - t0;
-      if (i >= args.warmup) raw.record(ms);
+      for (const chat of out) {
+        const t0 = performance.now();
+        await sql`SELECT * FROM messages WHERE tenant_id = ${args.tenant} AND chat_id = ${chat.chatId}
+          AND EXISTS (SELECT 1 FROM members m WHERE m.tenant_id = ${args.tenant} AND m.chat_id = ${chat.chatId} AND m.user_id = ${args.user})
+          ORDER BY sequence DESC LIMIT ${args.pageSize + 1}`;
+        const ms = performance.now() - t0;
+        if (i >= args.warmup) chat.raw.record(ms);
+      }
     }
-    const plan = await sql.unsafe(
-      `EXPLAIN (ANALYZE, BUFFERS, FORMAT TEXT) SELECT * FROM messages WHERE tenant_id = $1 AND chat_id = $2 ORDER BY sequence DESC LIMIT $3`,
-      [args.tenant, args.chatId, args.pageSize + 1],
-    );
-    return { api: api.toJSON(), raw: raw.toJSON(), wrongPages: wrong, plan: plan.map((r) => r["QUERY PLAN"] as string) };
+    const results = [];
+    for (const chat of out) {
+      const plan = await sql.unsafe(
+        `EXPLAIN (ANALYZE, BUFFERS, FORMAT TEXT) SELECT * FROM messages WHERE tenant_id = $1 AND chat_id = $2 ORDER BY sequence DESC LIMIT $3`,
+        [args.tenant, chat.chatId, args.pageSize + 1],
+      );
+      results.push({ api: chat.api.toJSON(), raw: chat.raw.toJSON(), wrongPages: chat.wrongPages, plan: plan.map((r) => r["QUERY PLAN"] as string) });
+    }
+    return results;
   } finally {
     client.close();
     await sql.end({ timeout: 5 });

@@ -95,6 +95,44 @@ export class RawGrpc {
     });
   }
 
+  /**
+   * The same call in the Connect protocol (binary): the body is the bare message, errors are an HTTP
+   * status with a JSON body. Resolves with the response message; rejects with GrpcError.
+   */
+  connectUnary(path: string, request: Uint8Array, authorization: string, timeoutMs: number): Promise<Buffer> {
+    return new Promise((resolve, reject) => {
+      const session = this.sessions[this.next++ % this.sessions.length]!;
+      const stream = session.request({
+        ":method": "POST", ":path": path, "content-type": "application/proto", "connect-protocol-version": "1",
+        "connect-timeout-ms": String(timeoutMs), authorization,
+      });
+      let status = 0;
+      const chunks: Buffer[] = [];
+      let failure: GrpcError | undefined;
+      const timer = setTimeout(() => {
+        failure = new GrpcError("DeadlineExceeded", "client deadline");
+        stream.close(http2.constants.NGHTTP2_CANCEL);
+      }, timeoutMs + 1000);
+      stream.on("response", (headers) => (status = Number(headers[":status"])));
+      stream.on("data", (chunk: Buffer) => chunks.push(chunk));
+      stream.on("error", () => {});
+      stream.on("close", () => {
+        clearTimeout(timer);
+        const body = Buffer.concat(chunks);
+        if (failure) return reject(failure);
+        if (status === 200) return resolve(body);
+        if (status === 0) return reject(new GrpcError(stream.rstCode ? "Unavailable" : "Internal", `no response (RST ${stream.rstCode})`));
+        let error: { code?: string; message?: string } = {};
+        try {
+          error = JSON.parse(body.toString("utf8"));
+        } catch {}
+        const code = (error.code ?? `http ${status}`).replace(/(^|_)(\w)/g, (_, _s, c: string) => c.toUpperCase());
+        reject(new GrpcError(code, error.message ?? ""));
+      });
+      stream.end(request);
+    });
+  }
+
   /** Calls onMessage for each streamed message; resolves when the stream ends (with its status). */
   serverStream(path: string, request: Uint8Array, authorization: string, signal: AbortSignal, onMessage: (message: Buffer) => void): Promise<GrpcError | undefined> {
     return new Promise((resolve) => {

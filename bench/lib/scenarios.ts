@@ -28,6 +28,8 @@ async function createChats(ctx: Context, tenant: string, groups: string[][], nam
 
 /** How receivers get events and senders send: gRPC (Subscribe streams, SendMessage calls) or the SignalR hub (one WebSocket per user). */
 export type Via = "grpc" | "hub";
+/** How senders call SendMessage when not over the hub: gRPC, or the Connect protocol (binary) on the same port. */
+export type SendProtocol = "grpc" | "connect";
 
 /** Opens one Subscribe stream (or, via the hub, one hub connection) per user, spread over the receiver workers. */
 async function subscribeAll(ctx: Context, tenant: string, users: string[], opts: { connectionsPerWorker?: number; dedicated?: boolean; reopen?: boolean; via?: Via } = {}) {
@@ -212,6 +214,7 @@ async function loopDelays(ctx: Context): Promise<{ server: LoopDelay; clients: L
 async function deliveryPhase(
   ctx: Context, tenant: string, chats: Chat[], label: string, phase: string,
   load: { mode: "rate"; rate: number } | { mode: "closed"; concurrency: number }, durationMs: number, via: Via = "grpc",
+  protocol: SendProtocol = "grpc",
 ): Promise<PhaseResult> {
   const members = new Map(chats.map((c) => [c.id, c.members.length]));
   // Start from an idle server: requests abandoned by the previous phase's clients may still be running.
@@ -233,6 +236,7 @@ async function deliveryPhase(
     connections: ctx.plan.senderConnections,
     timeoutMs: 10_000,
     keepKey: tenant,
+    protocol,
   });
   const usage = await ctx.stopWindow();
   const loopDelay = await loopDelays(ctx);
@@ -261,7 +265,8 @@ async function deliveryPhase(
   const deliveryWindow = (Math.max(sent.sendEnd, lastDelivery) - sent.started) / 1000;
   const result: PhaseResult = {
     label,
-    offered: load.mode === "rate" ? `${load.rate}/s` : `saturation (closed loop, ${load.concurrency} concurrent sends)`,
+    offered: (load.mode === "rate" ? `${load.rate}/s` : `saturation (closed loop, ${load.concurrency} concurrent sends)`) +
+      (protocol === "connect" ? ", SendMessage over the Connect protocol" : ""),
     offeredRate: load.mode === "rate" ? load.rate : null,
     seconds: round(seconds, 2),
     attempted: sent.attempted,
@@ -468,6 +473,9 @@ export async function fanoutScenario(ctx: Context, key: string, chatSize: number
       result.phases.push(await deliveryPhase(ctx, tenant, chats, `${rate}/s`, `${key}r${rate}`, { mode: "rate", rate }, ctx.plan.phaseMs, via));
     }
     result.phases.push(await deliveryPhase(ctx, tenant, chats, "saturation", `${key}sat`, { mode: "closed", concurrency: ctx.plan.saturationConcurrency }, ctx.plan.phaseMs, via));
+    if (via === "grpc") {
+      result.phases.push(await deliveryPhase(ctx, tenant, chats, "saturation, Connect protocol", `${key}satc`, { mode: "closed", concurrency: ctx.plan.saturationConcurrency }, ctx.plan.phaseMs, via, "connect"));
+    }
     result.finalDrain = await finalDrain(ctx, tenant, chats, result.phases);
     const checked = await verifyScenario(ctx, tenant, chats, via);
     result.verification = checked.verification;
@@ -504,8 +512,11 @@ export async function fanout1Scenario(ctx: Context): Promise<Fanout1Scenario> {
     ctx.log(`  ${chats.length} chats of 1, ${sub.ready} streams ready`);
     await deliveryPhase(ctx, tenant, chats, "warm-up", "cwarm", { mode: "rate", rate: 200 }, ctx.plan.warmupMs);
     const runs: PhaseResult[] = [];
-    for (const concurrency of ctx.plan.fanout1Concurrency) {
-      runs.push(await deliveryPhase(ctx, tenant, chats, `saturation, ${concurrency} concurrent`, `csat${concurrency}`, { mode: "closed", concurrency }, ctx.plan.phaseMs));
+    for (const protocol of ["grpc", "connect"] as const) {
+      for (const concurrency of ctx.plan.fanout1Concurrency) {
+        const label = `saturation, ${concurrency} concurrent${protocol === "connect" ? ", Connect protocol" : ""}`;
+        runs.push(await deliveryPhase(ctx, tenant, chats, label, `csat${concurrency}${protocol[0]}`, { mode: "closed", concurrency }, ctx.plan.phaseMs, "grpc", protocol));
+      }
     }
     await finalDrain(ctx, tenant, chats, runs);
     const best = [...runs].sort((a, b) => b.acceptedPerSecond - a.acceptedPerSecond)[0];
@@ -704,7 +715,7 @@ function bucketQuantiles(before: Map<number, number>, after: Map<number, number>
 }
 
 export interface HistoryMeasure {
-  /** Server-side handler time (Parley's RPC histogram, bucket bounds), excluding transport and client. */
+  /** Server-side handler time (Parley's RPC histogram, bucket bounds) over all sizes' queries, excluding transport and client. */
   serverSide?: { p50: string; p99: string };
   messages: number;
   insertSeconds: number;
@@ -715,13 +726,18 @@ export interface HistoryMeasure {
   plan: string[];
 }
 
+/**
+ * Every chat is filled first, then vacuumed and checkpointed, then all are queried interleaved: so the
+ * large chat is not measured while PostgreSQL is still busy with its bulk insert, and every size meets
+ * the same machine.
+ */
 export async function historyScenario(ctx: Context): Promise<HistoryMeasure[]> {
   const tenant = `bench-e-${hex()}`;
   await ctx.startServer("e");
   const sql = ctx.bench(2);
   try {
     const chats = await createChats(ctx, tenant, ctx.plan.historySizes.map(() => ["reader"]), "history");
-    const out: HistoryMeasure[] = [];
+    const filled: { n: number; chatId: string; insertSeconds: number }[] = [];
     for (let k = 0; k < chats.length; k++) {
       const n = ctx.plan.historySizes[k]!;
       const chatId = chats[k]!.id;
@@ -740,27 +756,32 @@ export async function historyScenario(ctx: Context): Promise<HistoryMeasure[]> {
         UPDATE chats SET last_sequence = ${n}, last_message_time = ${base}::timestamptz + ${n} * interval '1 millisecond',
           activity_time = ${base}::timestamptz + ${n} * interval '1 millisecond'
         WHERE tenant_id = ${tenant} AND id = ${chatId}`;
-      await sql`ANALYZE messages`;
       const insertSeconds = (performance.now() - started) / 1000;
       ctx.log(`  bulk-inserted ${n} messages in ${round(insertSeconds)} s`);
-      await ctx.startWindow();
-      const method = "parley.v1.MessageService/ListMessages";
-      const bucketsBefore = rpcBuckets(await ctx.server!.metrics(), method);
-      const h = await ctx.sender.call<{ api: HistogramData; raw: HistogramData; wrongPages: number; plan: string[] }>("history", {
-        baseUrl: ctx.server!.url, databaseUrl: ctx.databaseUrl, tenant, user: "reader", chatId,
-        queries: ctx.plan.historyQueries, warmup: 20, pageSize: 50, lastSequence: n,
-      }, 300_000);
-      await ctx.stopWindow();
-      const serverSide = bucketQuantiles(bucketsBefore, rpcBuckets(await ctx.server!.metrics(), method));
+      filled.push({ n, chatId, insertSeconds });
+    }
+    await sql`VACUUM ANALYZE messages`;
+    await sql`CHECKPOINT`;
+    await ctx.startWindow();
+    const method = "parley.v1.MessageService/ListMessages";
+    const bucketsBefore = rpcBuckets(await ctx.server!.metrics(), method);
+    const measured = await ctx.sender.call<{ api: HistogramData; raw: HistogramData; wrongPages: number; plan: string[] }[]>("history", {
+      baseUrl: ctx.server!.url, databaseUrl: ctx.databaseUrl, tenant, user: "reader",
+      chats: filled.map((f) => ({ chatId: f.chatId, lastSequence: f.n })),
+      queries: ctx.plan.historyQueries, warmup: 20, pageSize: 50,
+    }, 300_000);
+    await ctx.stopWindow();
+    const serverSide = bucketQuantiles(bucketsBefore, rpcBuckets(await ctx.server!.metrics(), method));
+    return filled.map((f, k) => {
+      const h = measured[k]!;
       const m: HistoryMeasure = {
         serverSide,
-        messages: n, insertSeconds: round(insertSeconds), insertRowsPerSecond: Math.round(n / insertSeconds),
+        messages: f.n, insertSeconds: round(f.insertSeconds), insertRowsPerSecond: Math.round(f.n / f.insertSeconds),
         api: summary(h.api), rawSql: summary(h.raw), wrongPages: h.wrongPages, plan: h.plan,
       };
-      ctx.log(`  ListMessages last 50 of ${n}: p50 ${m.api.p50} ms, p99 ${m.api.p99} ms (raw SQL p50 ${m.rawSql.p50}, p99 ${m.rawSql.p99}; server-side handler p50 ${serverSide.p50}, p99 ${serverSide.p99}); wrong pages ${m.wrongPages}`);
-      out.push(m);
-    }
-    return out;
+      ctx.log(`  ListMessages last 50 of ${f.n}: p50 ${m.api.p50} ms, p99 ${m.api.p99} ms (raw SQL p50 ${m.rawSql.p50}, p99 ${m.rawSql.p99}); wrong pages ${m.wrongPages}`);
+      return m;
+    });
   } finally {
     await sql.end({ timeout: 5 });
     await ctx.sender.call("closeSenders", {}, 30_000).catch(() => {});

@@ -953,8 +953,9 @@ process.on("message", (message: { id: number; cmd: string; args: unknown }) => {
     }
   })();
 });
-// Never outlive the parent.
+// Never outlive the parent. A clean exit also on SIGTERM, so that --cpu-prof (BENCH_WORKER_NODE_ARGS) writes its profile.
 process.on("disconnect", () => process.exit(0));
+process.on("SIGTERM", () => process.exit(0));
 process.on("unhandledRejection", (error) => {
   console.error(`${workerName}: unhandled rejection`, error);
 });

@@ -15,7 +15,8 @@
  * BENCH_PHASE_S (seconds per load phase), BENCH_RATES_CHATS10 / BENCH_RATES_CHATS100 (offered rates, comma-separated), BENCH_QUIET_WAIT_S (longest wait before each scenario for the
  * machine to calm down, default 20; the machine may be shared), BENCH_SERVER_NODE_OPTIONS (NODE_OPTIONS
  * for the server only, to compare V8 settings such as --max-semi-space-size), BENCH_SERVER_NODE_ARGS (flags put
- * before the server script, for those NODE_OPTIONS refuses, e.g. --trace-gc; the server log is in bench/tmp/).
+ * before the server script, for those NODE_OPTIONS refuses, e.g. --trace-gc; the server log is in bench/tmp/),
+ * BENCH_WORKER_NODE_ARGS (the same for the two receiving load workers, e.g. --cpu-prof --cpu-prof-dir=DIR).
  */
 import { execFileSync, spawnSync } from "node:child_process";
 import crypto from "node:crypto";
@@ -208,7 +209,8 @@ async function main(): Promise<void> {
   const secret = crypto.randomBytes(32).toString("hex");
   const env = { BENCH_JWT_SECRET: secret };
   const workerScript = path.join(root, "bench/load-worker.ts");
-  const receivers = [new WorkerHandle("receiver-1", workerScript, env), new WorkerHandle("receiver-2", workerScript, env)];
+  const workerArgs = (process.env.BENCH_WORKER_NODE_ARGS ?? "").split(" ").filter(Boolean);
+  const receivers = [new WorkerHandle("receiver-1", workerScript, env, workerArgs), new WorkerHandle("receiver-2", workerScript, env, workerArgs)];
   const sender = new WorkerHandle("sender", workerScript, env);
   ctx = new Context(root, plan, baseDatabaseUrl, natsUrl, secret, receivers, sender, tmpDir,
     profile ? path.join(tmpDir, "profiles") : undefined, log);

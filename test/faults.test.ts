@@ -153,7 +153,7 @@ it("crash - kill -9 while 20 clients send: every acknowledged message stored onc
   try {
     const tenant = uniqueTenant("crash");
     const users = Array.from({ length: 20 }, (_, i) => `user-${i}`);
-    const protocols: Protocol[] = ["connect", "grpc", "connect-binary", "connect-http2"];
+    const protocols: Protocol[] = ["connect", "grpc", "connect-binary", "connect-http2", "connect-binary-http2"];
     const clients = await Promise.all(users.map((u, i) => user(proc.url, tenant, u, protocols[i % protocols.length])));
     const shared = (await clients[0]!.chats.createChat({ name: "everyone", memberIds: users })).chat!;
     const teams = await Promise.all([0, 1, 2, 3].map(async (k) =>

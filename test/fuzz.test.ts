@@ -760,7 +760,7 @@ it("fuzz - afterwards the server is healthy: alive, /healthz and /readyz, normal
     const res = await fetch(`${proc.url}${path}`, { signal: AbortSignal.timeout(5000) });
     assert.is(res.status, 200, path);
   }
-  for (const protocol of ["connect", "connect-binary", "grpc", "grpc-web", "connect-http2"] as const) {
+  for (const protocol of ["connect", "connect-binary", "grpc", "grpc-web", "connect-http2", "connect-binary-http2"] as const) {
     const client = parleyClient(proc.url, aliceToken, protocol);
     const { message } = await client.messages.sendMessage({ chatId, text: `still fine over ${protocol}` });
     const got = await client.messages.getMessage({ chatId, messageId: message!.id });

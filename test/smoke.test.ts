@@ -11,7 +11,7 @@ test.after(async () => {
   await server.destroy();
 });
 
-for (const protocol of ["connect", "connect-binary", "connect-http2", "grpc", "grpc-web"] as const) {
+for (const protocol of ["connect", "connect-binary", "connect-http2", "connect-binary-http2", "grpc", "grpc-web"] as const) {
   test(`transport - ${protocol} round trip: create, send, list`, async () => {
     const tenant = uniqueTenant();
     const alice = parleyClient(server.url, await tokenFor(tenant, "alice"), protocol);

@@ -11,7 +11,7 @@ import { NotificationService } from "../../gen/parley/v1/notification_pb.js";
 
 const protoDir = path.join(path.dirname(fileURLToPath(import.meta.url)), "../../proto");
 
-export type Protocol = "connect" | "connect-binary" | "grpc" | "grpc-web" | "connect-http2";
+export type Protocol = "connect" | "connect-binary" | "grpc" | "grpc-web" | "connect-http2" | "connect-binary-http2";
 
 /** Sends the token as a bearer token on every call. */
 export function bearer(token: string): Interceptor {
@@ -30,6 +30,8 @@ export function connectTransport(baseUrl: string, token: string, protocol: Proto
       return createConnectTransport({ baseUrl, httpVersion: "1.1", useBinaryFormat: true, interceptors });
     case "connect-http2":
       return createConnectTransport({ baseUrl, httpVersion: "2", interceptors });
+    case "connect-binary-http2":
+      return createConnectTransport({ baseUrl, httpVersion: "2", useBinaryFormat: true, interceptors });
     case "grpc":
       return createGrpcTransport({ baseUrl, interceptors });
     case "grpc-web":

@@ -4,7 +4,8 @@
  * concurrency), runs history queries and the raw PostgreSQL / NATS / WebSocket ceilings. gRPC clients
  * share a few HTTP/2 connections, many streams multiplexed on each; the bearer token goes in
  * each call's headers, so one connection carries many users. The measured calls (Subscribe, SendMessage,
- * ListMessages) use the lean client in lib/raw-grpc.ts; set-up calls use Connect-es. Over the SignalR
+ * ListMessages) use the lean client in lib/raw-grpc.ts (SendMessage over gRPC or, when asked, the
+ * Connect protocol); set-up calls use Connect-es. Over the SignalR
  * hub (hubSubscribe) each user has its own WebSocket, which receives its events and carries its sends.
  */
 import crypto from "node:crypto";
@@ -363,6 +364,7 @@ async function send(args: SendArgs) {
   const via = args.via ?? "grpc";
   const raw = via === "grpc" ? senders(args.baseUrl, args.connections).raw : undefined;
   if (raw) for (const chat of args.chats) for (const member of chat.members) await bearer(args.tenant, member);
+  const unary = raw && (args.protocol === "connect" ? raw.connectUnary.bind(raw) : raw.unary.bind(raw));
   const { stride, offset } = args.numbering ?? { stride: 1, offset: 0 };
   // Over the hub a member can only send from a connection this worker holds.
   const sendable = args.chats
@@ -399,8 +401,8 @@ async function send(args: SendArgs) {
     const t0 = clock();
     const text = `${args.phase}|${t0.toFixed(3)}|${i}|${padding}`;
     try {
-      const messageId = raw
-        ? sentMessageId(await (args.protocol === "connect" ? raw.connectUnary : raw.unary).call(raw, sendPath, sendMessageRequest(chat.id, text), tokens.get(`${args.tenant}\u0000${sender}`)!, args.timeoutMs))
+      const messageId = unary
+        ? sentMessageId(await unary(sendPath, sendMessageRequest(chat.id, text), tokens.get(`${args.tenant}\u0000${sender}`)!, args.timeoutMs))
         : await hubSendMessage(sender, chat.id, text, args.timeoutMs);
       const t1 = clock();
       hist.record(t1 - t0);

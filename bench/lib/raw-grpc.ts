@@ -1,6 +1,6 @@
 /**
- * A lean gRPC client for the load generators: plain node:http2 streams, length-prefixed messages
- * decoded only as far as the benchmark reads them. The load generators share the server's two cores,
+ * A lean gRPC client for the load generators (and unary calls in the Connect protocol, to compare):
+ * plain node:http2 streams, length-prefixed messages decoded only as far as the benchmark reads them. The load generators share the server's two cores,
  * so every microsecond they spend per delivery is taken from the server being measured; Connect-es's
  * client pipeline cost about as much CPU as the server itself (bench/results before 2026-11-26).
  */
@@ -63,9 +63,12 @@ export class RawGrpc {
     });
   }
 
+  private nextSession(): http2.ClientHttp2Session {
+    return this.sessions[this.next++ % this.sessions.length]!;
+  }
+
   private request(path: string, authorization: string, extra: http2.OutgoingHttpHeaders = {}): http2.ClientHttp2Stream {
-    const session = this.sessions[this.next++ % this.sessions.length]!;
-    return session.request({
+    return this.nextSession().request({
       ":method": "POST", ":path": path, "content-type": "application/grpc", te: "trailers", authorization, ...extra,
     });
   }
@@ -101,8 +104,7 @@ export class RawGrpc {
    */
   connectUnary(path: string, request: Uint8Array, authorization: string, timeoutMs: number): Promise<Buffer> {
     return new Promise((resolve, reject) => {
-      const session = this.sessions[this.next++ % this.sessions.length]!;
-      const stream = session.request({
+      const stream = this.nextSession().request({
         ":method": "POST", ":path": path, "content-type": "application/proto", "connect-protocol-version": "1",
         "connect-timeout-ms": String(timeoutMs), authorization,
       });

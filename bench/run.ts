@@ -1,5 +1,5 @@
 /**
- * Parley benchmark: `npm run bench` (≈ 12 minutes) or `BENCH_QUICK=1 npm run bench` (≈ 3 minutes).
+ * Parley benchmark: `npm run bench` (≈ 13 minutes) or `BENCH_QUICK=1 npm run bench` (≈ 3 minutes).
  *
  * Starts Parley as its own process against real PostgreSQL (a fresh database, dropped at the end) and
  * NATS, drives it from separate load-worker processes, samples CPU and RSS of every process involved,

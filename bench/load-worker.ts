@@ -30,6 +30,7 @@ const secret = new TextEncoder().encode(process.env.BENCH_JWT_SECRET ?? "");
 const clock = () => performance.timeOrigin + performance.now();
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 /** This process's own stalls (its GC, its CPU share): a delivery is timed only when its event loop gets to it. */
+/** The same 10 ms timer as prom-client's monitor in Parley (report.ts subtracts it). */
 const loopDelay = monitorEventLoopDelay({ resolution: 10 });
 loopDelay.enable();
 

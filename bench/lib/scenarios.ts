@@ -186,8 +186,8 @@ export interface PhaseResult {
   perSecondAccepted: number[];
   usage: WindowUsage | undefined;
   /**
-   * Event-loop delay (ms) while sending, of Parley and of the worst load worker: a stall in either
-   * delays deliveries or their timing.
+   * Event-loop delay (ms) while sending, of Parley and of the worst load worker, as the monitors read it
+   * (including their 10 ms timer interval, see report.ts): a stall in either delays deliveries or their timing.
    */
   loopDelay?: { server: LoopDelay; clients: LoopDelay };
 }

@@ -83,7 +83,10 @@ export async function startServer(config: Config, log: Logger = createLogger(con
     chats: new Chats(new ChatStore(db), events, pageTokens, config.maxMembers),
     members: new Members(members, events, pageTokens, config.maxMembers),
     messages: new Messages(
-      new MessageStore(db), members, events, fanout, subjects, pageTokens,
+      new MessageStore(db, (sends, seconds) => {
+        metrics.sendStatementSends.observe(sends);
+        metrics.sendStatementDuration.observe(seconds);
+      }), members, events, fanout, subjects, pageTokens,
       new RateLimiter(config.sendRatePerSecond, config.sendBurst), metrics,
       { queueLimit: config.streamQueueLimit, watchResyncMs: WATCH_RESYNC_MS, storageTimeoutMs }, streamSlots,
     ),

@@ -179,6 +179,22 @@ test("operations - /metrics is Prometheus text with RPC counters by method and c
   assert.is(delta({ method: "parley.v1.ChatService/ListChats", code: "unauthenticated" }), 2, "2 unauthenticated ListChats calls");
 });
 
+test("operations - /metrics counts the send statements (group commit): how many sends each stored and how long it took", async () => {
+  const tenant = uniqueTenant("stmt");
+  const alice = parleyClient(server.url, await tokenFor(tenant, "alice"), "grpc");
+  const { chat } = await alice.chats.createChat({ name: "statements", memberIds: ["bob"] });
+  const before = await metrics();
+  await Promise.all(Array.from({ length: 5 }, (_, i) => alice.messages.sendMessage({ chatId: chat!.id, text: `together ${i}` })));
+  await alice.messages.sendMessage({ chatId: chat!.id, text: "alone" });
+  const after = await metrics();
+  const delta = (name: string) => metricValue(after, name, {}) - metricValue(before, name, {});
+  assert.is(delta("parley_send_statement_sends_sum"), 6, "every stored send counted in exactly one statement");
+  const statements = delta("parley_send_statement_sends_count");
+  assert.ok(statements >= 2 && statements <= 6, `2 to 6 statements for 6 sends, one of them after the others (got ${statements})`);
+  assert.is(delta("parley_send_statement_seconds_count"), statements, "every statement timed");
+  assert.ok(delta("parley_send_statement_seconds_sum") > 0, "statements take time");
+});
+
 // ---------------------------------------------------------------------------------------------
 // Connect over plain HTTP
 

@@ -140,11 +140,11 @@ function ratio(a: number | undefined, b: number | undefined): string {
 
 function phaseTable(s: FanoutScenario, raw: RawCeilings | undefined): string[] {
   const lines = [
-    "| offered | accepted msg/s | deliveries/s | ÷ ws ceiling | latency p50 / p99 / p99.9 ms | lost (messages not reaching every member) | late (after the phase's drain) | dup | out of order | send errors / shed | SendMessage p50 / p99 ms | drain ms | server CPU % (main thread) | server RSS max MiB | event-loop stalls p99 / max ms (beyond the monitor's 10 ms timer): server; worst client | clients CPU % | postgres CPU % | nats CPU % | machine CPU % (max " + "200) | other procs CPU % | sustained? |",
-    "|---|---:|---:|---:|---|---:|---:|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
+    "| offered | accepted msg/s | deliveries/s | ÷ ws ceiling | latency p50 / p99 / p99.9 ms | lost (messages not reaching every member) | late (after the phase's drain) | dup | out of order | send errors / shed | SendMessage p50 / p99 ms | Parley's send statements: count, mean sends each, duration p50 / p99 (bucket bounds) | drain ms | server CPU % (main thread) | server RSS max MiB | event-loop stalls p99 / max ms (beyond the monitor's 10 ms timer): server; worst client | clients CPU % | postgres CPU % | nats CPU % | machine CPU % (max " + "200) | other procs CPU % | sustained? |",
+    "|---|---:|---:|---:|---|---:|---:|---:|---:|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
   ];
   for (const p of s.phases) {
-    lines.push(`| ${p.offered} | ${fmt(p.acceptedPerSecond)} | ${fmt(p.deliveriesPerSecond, 0)} | ${ratio(p.deliveriesPerSecond, raw?.ws?.deliveriesPerSecond)} | ${lat(p.latency)} | ${p.lost} (${p.incompleteMessages}) | ${p.lateDeliveries ?? "–"} | ${p.duplicates} | ${p.outOfOrder} | ${errorsText(p.sendErrors)} / ${p.shed} | ${fmt(p.sendLatency.p50, 2)} / ${fmt(p.sendLatency.p99, 2)} | ${p.drainMs} | ${serverCpu(p.usage)} | ${fmt(p.usage?.groups.server?.rssMaxMiB)} | ${loopDelayText(p)} | ${cpu(p.usage, "clients")} | ${cpu(p.usage, "postgres")} | ${cpu(p.usage, "nats")} | ${fmt(p.usage?.machineCpuPercent)} | ${fmt(p.usage?.otherCpuPercent)} | ${p.offeredRate === null ? "–" : sustained(p) ? "yes" : "no"} |`);
+    lines.push(`| ${p.offered} | ${fmt(p.acceptedPerSecond)} | ${fmt(p.deliveriesPerSecond, 0)} | ${ratio(p.deliveriesPerSecond, raw?.ws?.deliveriesPerSecond)} | ${lat(p.latency)} | ${p.lost} (${p.incompleteMessages}) | ${p.lateDeliveries ?? "–"} | ${p.duplicates} | ${p.outOfOrder} | ${errorsText(p.sendErrors)} / ${p.shed} | ${fmt(p.sendLatency.p50, 2)} / ${fmt(p.sendLatency.p99, 2)} | ${statementsText(p)} | ${p.drainMs} | ${serverCpu(p.usage)} | ${fmt(p.usage?.groups.server?.rssMaxMiB)} | ${loopDelayText(p)} | ${cpu(p.usage, "clients")} | ${cpu(p.usage, "postgres")} | ${cpu(p.usage, "nats")} | ${fmt(p.usage?.machineCpuPercent)} | ${fmt(p.usage?.otherCpuPercent)} | ${p.offeredRate === null ? "–" : sustained(p) ? "yes" : "no"} |`);
   }
   return lines;
 }
@@ -155,6 +155,11 @@ function phaseTable(s: FanoutScenario, raw: RawCeilings | undefined): string[] {
  * is what exceeds that. The results keep the monitors' readings; tables show the stall.
  */
 const LOOP_MONITOR_INTERVAL_MS = 10;
+
+function statementsText(p: PhaseResult): string {
+  const st = p.sendStatements;
+  return st ? `${fmt(st.count, 0)}, ${fmt(st.meanSends)}, ${st.duration.p50} / ${st.duration.p99}` : "–";
+}
 
 function loopDelayText(p: PhaseResult): string {
   const d = p.loopDelay;
@@ -216,9 +221,9 @@ export function markdown(results: Results): string {
   if (results.fanout1) {
     const s = results.fanout1;
     out.push(`## (c) Send throughput at saturation, fan-out 1 (${s.chats} chats of 1 member, each subscribed)`, "");
-    out.push("| load | accepted msg/s | ÷ raw MessageStore.send ceiling | ÷ raw INSERT ceiling | SendMessage p50 / p99 / p99.9 ms | delivery p50 / p99 ms | lost | send errors | server CPU % (main thread) | postgres CPU % | machine CPU % | other procs CPU % |", "|---|---:|---:|---:|---|---|---:|---|---:|---:|---:|---:|");
+    out.push("| load | accepted msg/s | ÷ raw MessageStore.send ceiling | ÷ raw INSERT ceiling | SendMessage p50 / p99 / p99.9 ms | Parley's send statements: count, mean sends each, duration p50 / p99 | delivery p50 / p99 ms | lost | send errors | server CPU % (main thread) | postgres CPU % | machine CPU % | other procs CPU % |", "|---|---:|---:|---:|---|---|---|---:|---|---:|---:|---:|---:|");
     for (const p of s.runs) {
-      out.push(`| ${p.offered} | ${fmt(p.acceptedPerSecond)} | ${ratio(p.acceptedPerSecond, raw?.pgSendTx?.perSecond)} | ${ratio(p.acceptedPerSecond, raw?.pgInsert?.perSecond)} | ${lat(p.sendLatency)} | ${fmt(p.latency.p50, 2)} / ${fmt(p.latency.p99, 2)} | ${p.lost} | ${errorsText(p.sendErrors)} | ${serverCpu(p.usage)} | ${cpu(p.usage, "postgres")} | ${fmt(p.usage?.machineCpuPercent)} | ${fmt(p.usage?.otherCpuPercent)} |`);
+      out.push(`| ${p.offered} | ${fmt(p.acceptedPerSecond)} | ${ratio(p.acceptedPerSecond, raw?.pgSendTx?.perSecond)} | ${ratio(p.acceptedPerSecond, raw?.pgInsert?.perSecond)} | ${lat(p.sendLatency)} | ${statementsText(p)} | ${fmt(p.latency.p50, 2)} / ${fmt(p.latency.p99, 2)} | ${p.lost} | ${errorsText(p.sendErrors)} | ${serverCpu(p.usage)} | ${cpu(p.usage, "postgres")} | ${fmt(p.usage?.machineCpuPercent)} | ${fmt(p.usage?.otherCpuPercent)} |`);
     }
     out.push("", ...verificationLines(s), "");
   }

@@ -190,24 +190,46 @@ export interface PhaseResult {
    * (including their 10 ms timer interval, see report.ts): a stall in either delays deliveries or their timing.
    */
   loopDelay?: { server: LoopDelay; clients: LoopDelay };
+  /** Parley's send statements during the phase (from its /metrics). */
+  sendStatements?: SendStatements;
 }
 
 interface LoopDelay { p99: number; max: number }
+
+interface SendStatements {
+  count: number;
+  meanSends: number;
+  /** Statement duration quantiles as histogram bucket bounds. */
+  duration: { p50: string; p99: string };
+}
 
 /**
  * Event-loop delays since the last call, which resets them: Parley's from its /metrics (prom-client
  * resets its monitor on every scrape), the load workers' from their own monitors.
  */
-async function loopDelays(ctx: Context): Promise<{ server: LoopDelay; clients: LoopDelay }> {
+async function loopDelays(ctx: Context): Promise<{ delays: { server: LoopDelay; clients: LoopDelay }; metrics: string }> {
   const [metrics, workers] = await Promise.all([
     ctx.server!.metrics(),
     Promise.all(ctx.workers.map((w) => w.call<LoopDelay>("loopDelay", {}, 30_000))),
   ]);
   const lag = parseMetrics(metrics, ["nodejs_eventloop_lag_p99_seconds", "nodejs_eventloop_lag_max_seconds"]);
   return {
-    server: { p99: round((lag["nodejs_eventloop_lag_p99_seconds"] ?? NaN) * 1000, 1), max: round((lag["nodejs_eventloop_lag_max_seconds"] ?? NaN) * 1000, 1) },
-    clients: { p99: round(Math.max(...workers.map((d) => d.p99)), 1), max: round(Math.max(...workers.map((d) => d.max)), 1) },
+    delays: {
+      server: { p99: round((lag["nodejs_eventloop_lag_p99_seconds"] ?? NaN) * 1000, 1), max: round((lag["nodejs_eventloop_lag_max_seconds"] ?? NaN) * 1000, 1) },
+      clients: { p99: round(Math.max(...workers.map((d) => d.p99)), 1), max: round(Math.max(...workers.map((d) => d.max)), 1) },
+    },
+    metrics,
   };
+}
+
+/** Parley's send statements (group commit) between two /metrics scrapes: how many, how full, how long. */
+function sendStatements(before: string, after: string): SendStatements {
+  const sends = (text: string) => parseMetrics(text, ["parley_send_statement_sends_sum", "parley_send_statement_sends_count"]);
+  const [b, a] = [sends(before), sends(after)];
+  const count = (a["parley_send_statement_sends_count"] ?? 0) - (b["parley_send_statement_sends_count"] ?? 0);
+  const total = (a["parley_send_statement_sends_sum"] ?? 0) - (b["parley_send_statement_sends_sum"] ?? 0);
+  const name = "parley_send_statement_seconds";
+  return { count, meanSends: round(total / Math.max(1, count), 1), duration: bucketQuantiles(histogramBuckets(before, name), histogramBuckets(after, name)) };
 }
 
 /** One load phase with deliveries: send, wait for the stragglers, count and time what arrived. */
@@ -221,7 +243,7 @@ async function deliveryPhase(
   const settleMs = await ctx.waitServerIdle(ctx.plan.settleMaxMs);
   if (settleMs > 1500) ctx.log(`  waited ${settleMs} ms for the server to go idle`);
   await ctx.startWindow();
-  await loopDelays(ctx);
+  const before = await loopDelays(ctx);
   const sent = await sendPhase(ctx, via, {
     baseUrl: ctx.server!.url,
     tenant,
@@ -239,7 +261,9 @@ async function deliveryPhase(
     protocol,
   });
   const usage = await ctx.stopWindow();
-  const loopDelay = await loopDelays(ctx);
+  const after = await loopDelays(ctx);
+  const loopDelay = after.delays;
+  const statements = sendStatements(before.metrics, after.metrics);
   let expected = 0;
   for (const [chatId, n] of Object.entries(sent.acceptedPerChat)) expected += n * (members.get(chatId) ?? 0);
   ctx.log(`  ${label}: sent (${sent.accepted} accepted), waiting for deliveries`);
@@ -288,13 +312,15 @@ async function deliveryPhase(
     perSecondAccepted: sent.perSecond,
     usage,
     loopDelay,
+    sendStatements: statements,
     lostAtPhaseEnd: lost,
   };
   pendingAccounts.set(result, { phase, acceptedChats: sent.acceptedChats });
   ctx.log(
     `  ${label}: offered ${result.offered}, accepted ${result.acceptedPerSecond}/s, deliveries ${result.deliveriesPerSecond}/s, ` +
       `p50/p99/p99.9 ${result.latency.p50}/${result.latency.p99}/${result.latency.p999} ms, lost ${result.lost}, dup ${duplicates}, out of order ${outOfOrder}, ` +
-      `errors ${JSON.stringify(sent.errors)}, shed ${sent.shed}, server CPU ${usage?.groups.server?.cpuPercent}%, machine ${usage?.machineCpuPercent}%`,
+      `errors ${JSON.stringify(sent.errors)}, shed ${sent.shed}, server CPU ${usage?.groups.server?.cpuPercent}%, machine ${usage?.machineCpuPercent}%, ` +
+      `send statements ${statements.count} (mean ${statements.meanSends} sends, p50 ${statements.duration.p50}, p99 ${statements.duration.p99})`,
   );
   return result;
 }
@@ -692,9 +718,14 @@ export async function idleScenario(ctx: Context): Promise<IdleScenario> {
 
 /** Cumulative buckets of parley_rpc_duration_seconds for one method (le → count). */
 function rpcBuckets(text: string, method: string): Map<number, number> {
+  return histogramBuckets(text, "parley_rpc_duration_seconds", [`method="${method}"`, 'code="ok"']);
+}
+
+/** Cumulative buckets (le → count) of a histogram, of the series whose labels contain every given `name="value"`. */
+function histogramBuckets(text: string, name: string, labels: string[] = []): Map<number, number> {
   const out = new Map<number, number>();
   for (const line of text.split("\n")) {
-    if (!line.startsWith("parley_rpc_duration_seconds_bucket") || !line.includes(`method="${method}"`) || !line.includes('code="ok"')) continue;
+    if (!line.startsWith(`${name}_bucket`) || !labels.every((label) => line.includes(label))) continue;
     const le = /le="([^"]+)"/.exec(line)?.[1];
     if (le) out.set(le === "+Inf" ? Infinity : Number(le), Number(line.split(" ").at(-1)));
   }

@@ -32,6 +32,18 @@ export class Metrics {
     help: "Messages stored",
     registers: [this.registry],
   });
+  readonly sendStatementDuration = new Histogram({
+    name: "parley_send_statement_seconds",
+    help: "Time of one statement storing queued sends (group commit), from issue to result",
+    buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5],
+    registers: [this.registry],
+  });
+  readonly sendStatementSends = new Histogram({
+    name: "parley_send_statement_sends",
+    help: "Sends stored by one statement (group commit)",
+    buckets: [1, 2, 4, 8, 16, 32, 64, 128, 256],
+    registers: [this.registry],
+  });
   readonly publishFailures = new Counter({
     name: "parley_bus_publish_failures_total",
     help: "Events that could not be published after commit (clients catch up by sequence)",

@@ -55,9 +55,16 @@ interface RunningStatement {
   cancel: AbortController;
 }
 
+/** Told about every send statement that finished (or failed): how many sends it carried and how long it took. */
+export type StatementObserver = (sends: number, seconds: number) => void;
+
 export class MessageStore extends Store {
   private queued: PendingSend[] = [];
   private running = false;
+
+  constructor(db: ConstructorParameters<typeof Store>[0], private readonly observeStatement: StatementObserver = () => {}) {
+    super(db);
+  }
 
   /**
    * Stores a message with the chat's next sequence. The caller's signal drops a queued send, and cancels
@@ -121,9 +128,12 @@ export class MessageStore extends Store {
     const statement: RunningStatement = { sends, abandoned: 0, cancel: new AbortController() };
     for (const send of sends) send.statement = statement;
     let rows: Record<string, unknown>[];
+    const started = performance.now();
     try {
       rows = await this.cancellable(sends.length === 1 ? this.insertOne(sends[0]!) : this.insertMany(sends), statement.cancel.signal);
+      this.observeStatement(sends.length, (performance.now() - started) / 1000);
     } catch (error) {
+      this.observeStatement(sends.length, (performance.now() - started) / 1000);
       // A cancel request meant for the statement before on this connection can arrive after it ended
       // and cancel this one instead (see Database.cancellable). This one rolled back: run it again, once.
       if (retry && !statement.cancel.signal.aborted && isStrayCancel(error)) {

@@ -40,7 +40,7 @@ export class Metrics {
   });
   readonly sendStatementSends = new Histogram({
     name: "parley_send_statement_sends",
-    help: "Sends stored by one statement (group commit)",
+    help: "Sends carried by one statement (group commit)",
     buckets: [1, 2, 4, 8, 16, 32, 64, 128, 256],
     registers: [this.registry],
   });

@@ -29,8 +29,10 @@ const secret = new TextEncoder().encode(process.env.BENCH_JWT_SECRET ?? "");
 /** Wall-clock milliseconds with sub-millisecond resolution; comparable across processes on one machine. */
 const clock = () => performance.timeOrigin + performance.now();
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
-/** This process's own stalls (its GC, its CPU share): a delivery is timed only when its event loop gets to it. */
-/** The same 10 ms timer as prom-client's monitor in Parley (report.ts subtracts it). */
+/**
+ * This process's own stalls (its GC, its CPU share): a delivery is timed only when its event loop gets
+ * to it. The same 10 ms timer as prom-client's monitor in Parley (report.ts subtracts it).
+ */
 const loopDelay = monitorEventLoopDelay({ resolution: 10 });
 loopDelay.enable();
 
@@ -204,12 +206,18 @@ function countStreamError(kind: string): void {
   totals.streamErrors[kind] = (totals.streamErrors[kind] ?? 0) + 1;
 }
 
-function openStream(pool: RawGrpc, index: number, tenant: string, user: string, includeMessages: boolean, reopen: boolean): Stream {
+/** A stream not yet open, and the function that settles its `ready`. */
+function newStream(tenant: string, user: string): { stream: Stream; markReady: (ok: boolean) => void } {
   let markReady: (ok: boolean) => void = () => {};
   const stream: Stream = {
     tenant, user, abort: new AbortController(), closed: false, failures: 0, seen: new Map(),
     ready: new Promise<boolean>((resolve) => (markReady = resolve)),
   };
+  return { stream, markReady };
+}
+
+function openStream(pool: RawGrpc, tenant: string, user: string, includeMessages: boolean, reopen: boolean): Stream {
+  const { stream, markReady } = newStream(tenant, user);
   const request = subscribeRequest(includeMessages);
   void (async () => {
     const authorization = await bearer(tenant, user);
@@ -246,17 +254,20 @@ interface SubscribeArgs {
 }
 
 async function subscribe(args: SubscribeArgs) {
-  const started = performance.now();
   const pool = new RawGrpc(args.baseUrl, args.connections);
   receiverPools.push(pool);
+  return openAll(args, (user) => openStream(pool, args.tenant, user, args.includeMessages, args.reopen));
+}
+
+/** Opens one stream per user, a batch at a time, each batch ready (or failed, or past the deadline) before the next. */
+async function openAll(args: SubscribeArgs, open: (user: string) => Stream) {
+  const started = performance.now();
   for (const user of args.users) await bearer(args.tenant, user);
   let ready = 0;
   let failed = 0;
   const deadline = Date.now() + args.readyTimeoutMs;
   for (let i = 0; i < args.users.length; i += args.batch) {
-    const batch = args.users.slice(i, i + args.batch).map((user, j) =>
-      openStream(pool, i + j, args.tenant, user, args.includeMessages, args.reopen),
-    );
+    const batch = args.users.slice(i, i + args.batch).map(open);
     streams.push(...batch);
     const timeout = sleep(Math.max(0, deadline - Date.now())).then(() => false);
     const results = await Promise.all(batch.map((s) => Promise.race([s.ready, timeout])));
@@ -545,26 +556,25 @@ async function history(args: { baseUrl: string; databaseUrl: string; tenant: str
   try {
     const authorization = await bearer(args.tenant, args.user);
     const out = args.chats.map((chat) => ({ ...chat, request: newestMessagesRequest(chat.chatId, args.pageSize), api: new Histogram(), raw: new Histogram(), wrongPages: 0 }));
-    for (let i = 0; i < args.warmup + args.queries; i++) {
-      for (const chat of out) {
-        const t0 = performance.now();
-        const page = readMessagePage(await client.unary(listPath, chat.request, authorization, 10_000));
-        const ms = performance.now() - t0;
-        if (i >= args.warmup) chat.api.record(ms);
-        if (page.count !== args.pageSize || page.firstSequence !== chat.lastSequence) chat.wrongPages++;
+    type Chat = (typeof out)[number];
+    /** Runs `query` warm-up + queries times per chat, the chats taking turns, and records the timed ones. */
+    const inTurns = async (query: (chat: Chat) => Promise<unknown>, histogram: (chat: Chat) => Histogram) => {
+      for (let i = 0; i < args.warmup + args.queries; i++) {
+        for (const chat of out) {
+          const t0 = performance.now();
+          await query(chat);
+          if (i >= args.warmup) histogram(chat).record(performance.now() - t0);
+        }
       }
-    }
+    };
+    await inTurns(async (chat) => {
+      const page = readMessagePage(await client.unary(listPath, chat.request, authorization, 10_000));
+      if (page.count !== args.pageSize || page.firstSequence !== chat.lastSequence) chat.wrongPages++;
+    }, (chat) => chat.api);
     // The statement Parley runs (the page, with the membership check inside), straight from postgres.js.
-    for (let i = 0; i < args.warmup + args.queries; i++) {
-      for (const chat of out) {
-        const t0 = performance.now();
-        await sql`SELECT * FROM messages WHERE tenant_id = ${args.tenant} AND chat_id = ${chat.chatId}
-          AND EXISTS (SELECT 1 FROM members m WHERE m.tenant_id = ${args.tenant} AND m.chat_id = ${chat.chatId} AND m.user_id = ${args.user})
-          ORDER BY sequence DESC LIMIT ${args.pageSize + 1}`;
-        const ms = performance.now() - t0;
-        if (i >= args.warmup) chat.raw.record(ms);
-      }
-    }
+    await inTurns((chat) => sql`SELECT * FROM messages WHERE tenant_id = ${args.tenant} AND chat_id = ${chat.chatId}
+      AND EXISTS (SELECT 1 FROM members m WHERE m.tenant_id = ${args.tenant} AND m.chat_id = ${chat.chatId} AND m.user_id = ${args.user})
+      ORDER BY sequence DESC LIMIT ${args.pageSize + 1}`, (chat) => chat.raw);
     const results = [];
     for (const chat of out) {
       const plan = await sql.unsafe(
@@ -852,11 +862,7 @@ function onHubFrame(client: HubClient, data: Buffer): void {
 }
 
 function openHubClient(baseUrl: string, tenant: string, user: string, timeoutMs: number): Stream {
-  let markReady: (ok: boolean) => void = () => {};
-  const stream: Stream = {
-    tenant, user, abort: new AbortController(), closed: false, failures: 0, seen: new Map(),
-    ready: new Promise<boolean>((resolve) => (markReady = resolve)),
-  };
+  const { stream, markReady } = newStream(tenant, user);
   void (async () => {
     // The client exists before its socket: frames that arrive with Ready are handed to it at once.
     const client: HubClient = { ws: undefined as unknown as WebSocket, stream, pending: new Map(), nextInvocation: 1 };
@@ -891,16 +897,9 @@ function openHubClient(baseUrl: string, tenant: string, user: string, timeoutMs:
  * has no shared connections; a closed connection is counted, not reopened).
  */
 async function hubSubscribe(args: SubscribeArgs) {
-  const started = performance.now();
-  let ready = 0;
-  let failed = 0;
-  for (let i = 0; i < args.users.length; i += args.batch) {
-    const batch = args.users.slice(i, i + args.batch).map((user) => openHubClient(args.baseUrl, args.tenant, user, args.readyTimeoutMs));
-    streams.push(...batch);
-    for (const ok of await Promise.all(batch.map((s) => s.ready))) ok ? ready++ : failed++;
-  }
+  const opened = await openAll(args, (user) => openHubClient(args.baseUrl, args.tenant, user, args.readyTimeoutMs));
   startHubPings();
-  return { ready, failed, ms: Math.round(performance.now() - started), streams: streams.length };
+  return opened;
 }
 
 /** SendMessage(chatId, text) on the sender's own hub connection; resolves with the stored message's id. */

@@ -22,7 +22,7 @@ import { ChatService } from "../gen/parley/v1/chat_pb.js";
 import { MemberService } from "../gen/parley/v1/member_pb.js";
 import { MessageService } from "../gen/parley/v1/message_pb.js";
 import { NotificationService, type Notification } from "../gen/parley/v1/notification_pb.js";
-import { parleyClient, type ParleyClient } from "./support/clients.js";
+import { parleyClient, protocols, type ParleyClient } from "./support/clients.js";
 import { exitSoonAfterSummary, freePort, readable, parleyEnv, sleep, startParleyProcess, tempDir, type ParleyProcess } from "./support/processes.js";
 import {
   createTestDatabase, describeBackends, TEST_SECRET, testDatabaseUrl, testNatsUrl, tokenFor, uniqueTenant,
@@ -760,7 +760,7 @@ it("fuzz - afterwards the server is healthy: alive, /healthz and /readyz, normal
     const res = await fetch(`${proc.url}${path}`, { signal: AbortSignal.timeout(5000) });
     assert.is(res.status, 200, path);
   }
-  for (const protocol of ["connect", "connect-binary", "grpc", "grpc-web", "connect-http2", "connect-binary-http2"] as const) {
+  for (const protocol of protocols) {
     const client = parleyClient(proc.url, aliceToken, protocol);
     const { message } = await client.messages.sendMessage({ chatId, text: `still fine over ${protocol}` });
     const got = await client.messages.getMessage({ chatId, messageId: message!.id });

@@ -1,6 +1,6 @@
 import { test } from "uvu";
 import * as assert from "uvu/assert";
-import { parleyClient } from "./support/clients.js";
+import { parleyClient, protocols } from "./support/clients.js";
 import { startTestServer, tokenFor, uniqueTenant, type TestServer } from "./support/server.js";
 
 let server: TestServer;
@@ -11,7 +11,7 @@ test.after(async () => {
   await server.destroy();
 });
 
-for (const protocol of ["connect", "connect-binary", "connect-http2", "connect-binary-http2", "grpc", "grpc-web"] as const) {
+for (const protocol of protocols) {
   test(`transport - ${protocol} round trip: create, send, list`, async () => {
     const tenant = uniqueTenant();
     const alice = parleyClient(server.url, await tokenFor(tenant, "alice"), protocol);

@@ -1,7 +1,7 @@
 /**
  * A lean gRPC client for the load generators (and unary calls in the Connect protocol, to compare):
- * plain node:http2 streams, length-prefixed messages decoded only as far as the benchmark reads them. The load generators share the server's two cores,
- * so every microsecond they spend per delivery is taken from the server being measured; Connect-es's
+ * plain node:http2 streams, length-prefixed messages decoded only as far as the benchmark reads them.
+ * The load generators share the server's two cores, so every microsecond they spend per delivery is taken from the server being measured; Connect-es's
  * client pipeline cost about as much CPU as the server itself (bench/results before 2026-11-26).
  */
 import http2 from "node:http2";
@@ -128,7 +128,8 @@ export class RawGrpc {
         try {
           error = JSON.parse(body.toString("utf8"));
         } catch {}
-        const code = (error.code ?? `http ${status}`).replace(/(^|_)(\w)/g, (_, _s, c: string) => c.toUpperCase());
+        // Connect's snake_case codes ("resource_exhausted") as the gRPC names the reports use ("ResourceExhausted").
+        const code = (error.code ?? `http ${status}`).replace(/(?:^|_)(\w)/g, (_, c: string) => c.toUpperCase());
         reject(new GrpcError(code, error.message ?? ""));
       });
       stream.end(request);

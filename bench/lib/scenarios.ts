@@ -204,10 +204,10 @@ interface SendStatements {
 }
 
 /**
- * Event-loop delays since the last call, which resets them: Parley's from its /metrics (prom-client
- * resets its monitor on every scrape), the load workers' from their own monitors.
+ * Parley's /metrics now, and the event-loop delays since the last call, which resets them: Parley's
+ * from that scrape (prom-client resets its monitor on every scrape), the load workers' from their own monitors.
  */
-async function loopDelays(ctx: Context): Promise<{ delays: { server: LoopDelay; clients: LoopDelay }; metrics: string }> {
+async function probe(ctx: Context): Promise<{ delays: { server: LoopDelay; clients: LoopDelay }; metrics: string }> {
   const [metrics, workers] = await Promise.all([
     ctx.server!.metrics(),
     Promise.all(ctx.workers.map((w) => w.call<LoopDelay>("loopDelay", {}, 30_000))),
@@ -243,7 +243,7 @@ async function deliveryPhase(
   const settleMs = await ctx.waitServerIdle(ctx.plan.settleMaxMs);
   if (settleMs > 1500) ctx.log(`  waited ${settleMs} ms for the server to go idle`);
   await ctx.startWindow();
-  const before = await loopDelays(ctx);
+  const before = await probe(ctx);
   const sent = await sendPhase(ctx, via, {
     baseUrl: ctx.server!.url,
     tenant,
@@ -261,7 +261,7 @@ async function deliveryPhase(
     protocol,
   });
   const usage = await ctx.stopWindow();
-  const after = await loopDelays(ctx);
+  const after = await probe(ctx);
   const loopDelay = after.delays;
   const statements = sendStatements(before.metrics, after.metrics);
   let expected = 0;

@@ -129,12 +129,10 @@ export class MessageStore extends Store {
     for (const send of sends) send.statement = statement;
     let rows: Record<string, unknown>[];
     const started = performance.now();
-    const finished = () => this.observeStatement(sends.length, (performance.now() - started) / 1000);
     try {
-      rows = await this.cancellable(sends.length === 1 ? this.insertOne(sends[0]!) : this.insertMany(sends), statement.cancel.signal);
-      finished();
+      rows = await this.cancellable(sends.length === 1 ? this.insertOne(sends[0]!) : this.insertMany(sends), statement.cancel.signal)
+        .finally(() => this.observeStatement(sends.length, (performance.now() - started) / 1000));
     } catch (error) {
-      finished();
       // A cancel request meant for the statement before on this connection can arrive after it ended
       // and cancel this one instead (see Database.cancellable). This one rolled back: run it again, once.
       if (retry && !statement.cancel.signal.aborted && isStrayCancel(error)) {

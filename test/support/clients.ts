@@ -11,7 +11,9 @@ import { NotificationService } from "../../gen/parley/v1/notification_pb.js";
 
 const protoDir = path.join(path.dirname(fileURLToPath(import.meta.url)), "../../proto");
 
-export type Protocol = "connect" | "connect-binary" | "grpc" | "grpc-web" | "connect-http2" | "connect-binary-http2";
+/** Every way a client reaches the RPCs: each is tested wherever a test says "every protocol". */
+export const protocols = ["connect", "connect-binary", "connect-http2", "connect-binary-http2", "grpc", "grpc-web"] as const;
+export type Protocol = (typeof protocols)[number];
 
 /** Sends the token as a bearer token on every call. */
 export function bearer(token: string): Interceptor {

@@ -16,8 +16,7 @@
  * machine to calm down, default 20; the machine may be shared), BENCH_SERVER_NODE_OPTIONS (NODE_OPTIONS
  * for the server only, to compare V8 settings such as --max-semi-space-size), BENCH_SERVER_NODE_ARGS (flags put
  * before the server script, for those NODE_OPTIONS refuses, e.g. --trace-gc; the server log is in bench/tmp/),
- * BENCH_WORKER_NODE_ARGS (the same for the two receiving load workers, e.g. --cpu-prof --cpu-prof-dir=DIR),
- * BENCH_WORKER_NICE (the load workers' nice value, default 10; 0 gives them the server's priority).
+ * BENCH_WORKER_NODE_ARGS (the same for the two receiving load workers, e.g. --cpu-prof --cpu-prof-dir=DIR).
  */
 import { execFileSync, spawnSync } from "node:child_process";
 import crypto from "node:crypto";
@@ -45,8 +44,6 @@ const rates = (name: string) => process.env[name]?.split(",").map(Number).filter
 plan.ratesChats10 = rates("BENCH_RATES_CHATS10") ?? plan.ratesChats10;
 plan.ratesChats100 = rates("BENCH_RATES_CHATS100") ?? plan.ratesChats100;
 /** Longest wait before each scenario for other processes on the machine to calm down. */
-const workerNice = Number(process.env.BENCH_WORKER_NICE ?? 10);
-if (!Number.isInteger(workerNice) || workerNice < 0 || workerNice > 19) throw new Error("BENCH_WORKER_NICE must be an integer 0..19");
 const quietWaitMs = Number(process.env.BENCH_QUIET_WAIT_S ?? (quick ? 0 : 20)) * 1000;
 /** The whole run is abandoned (partial results written, everything cleaned up) after this. */
 const hardLimitMs = (quick ? 6 : 22) * 60_000;
@@ -84,7 +81,6 @@ const results: Results = {
     commit: sh("git", ["-C", root, "rev-parse", "--short", "HEAD"]),
     dirty: sh("git", ["-C", root, "status", "--porcelain", "--", "src"]) !== "",
     loadBefore: os.loadavg().map((l) => l.toFixed(2)).join(" "),
-    workerNice,
   },
   plan,
   clientNote:
@@ -92,8 +88,7 @@ const results: Results = {
     `the ${plan.receiverConnectionsPerWorker * 2} receiving HTTP/2 connections (${plan.receiverConnectionsPerWorker} per worker, 2 worker processes) multiplex all streams, ` +
     `the bearer token travels per call. Senders (1 worker process, ${plan.senderConnections} HTTP/2 connections) call SendMessage as a random member of a chat chosen round robin, ` +
     `open loop at the offered rate (at most 1,000 in flight, beyond that a send is counted as shed) or closed loop for saturation. Each message text (${plan.textBytes} bytes) carries its send time; ` +
-    "each delivery is checked for its chat sequence (gaps, duplicates). " +
-    `The load workers run at nice ${workerNice} (BENCH_WORKER_NICE), so that on the shared cores they yield to Parley, PostgreSQL and NATS.`,
+    "each delivery is checked for its chat sequence (gaps, duplicates).",
   servers: {},
   machineBefore: {},
   profiles: {},
@@ -217,9 +212,6 @@ async function main(): Promise<void> {
   const workerArgs = (process.env.BENCH_WORKER_NODE_ARGS ?? "").split(" ").filter(Boolean);
   const receivers = [new WorkerHandle("receiver-1", workerScript, env, workerArgs), new WorkerHandle("receiver-2", workerScript, env, workerArgs)];
   const sender = new WorkerHandle("sender", workerScript, env);
-  // The load generators yield the shared cores to what is measured: with equal priority, a worker busy
-  // parsing deliveries preempted Parley and tripled its p99 (README, Benchmark).
-  for (const worker of [...receivers, sender]) os.setPriority(worker.pid, workerNice);
   ctx = new Context(root, plan, baseDatabaseUrl, natsUrl, secret, receivers, sender, tmpDir,
     profile ? path.join(tmpDir, "profiles") : undefined, log);
   const [{ version }] = (await ctx.admin`SELECT version()`) as unknown as [{ version: string }];

@@ -27,6 +27,7 @@ import { fileURLToPath } from "node:url";
 import { connect as natsConnect } from "nats";
 import { killAllNow, stopAll } from "./lib/children.js";
 import { Context, fullPlan, quickPlan } from "./lib/context.js";
+import { fixedWorkReference } from "./lib/proc-stats.js";
 import { profileMarkdown, summarise } from "./profile.js";
 import { judge, markdown, type Results } from "./lib/report.js";
 import { fanout1Scenario, fanoutScenario, historyScenario, idleScenario, lastServerReport, rawCeilings } from "./lib/scenarios.js";
@@ -81,6 +82,7 @@ const results: Results = {
     commit: sh("git", ["-C", root, "rev-parse", "--short", "HEAD"]),
     dirty: sh("git", ["-C", root, "status", "--porcelain", "--", "src"]) !== "",
     loadBefore: os.loadavg().map((l) => l.toFixed(2)).join(" "),
+    fixedWorkMicrosAtStart: fixedWorkReference(),
   },
   plan,
   clientNote:

@@ -73,6 +73,38 @@ export const cores = (() => {
   }
 })();
 
+const FIXED_WORK_ITERATIONS = 1_000_000;
+let fixedWorkResult = 0;
+
+/**
+ * CPU time (µs) this process spends on a fixed piece of arithmetic. Waiting for a core does not count,
+ * so it grows only when the cores themselves are slower (a busy host, a busy sibling hyperthread, a
+ * lower clock): compared with the same probe at the run's start, it tells a slow machine from a slow
+ * Parley.
+ */
+export function fixedWorkCpuMicros(): number {
+  const before = process.cpuUsage();
+  let x = fixedWorkResult | 1;
+  for (let i = 0; i < FIXED_WORK_ITERATIONS; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+  }
+  const used = process.cpuUsage(before);
+  fixedWorkResult = x; // kept, so the loop cannot be optimised away
+  return used.user + used.system;
+}
+
+/** The probe's median over 15 runs: the reference taken when a benchmark starts. */
+export function fixedWorkReference(): number {
+  return sortedProbes(Array.from({ length: 15 }, fixedWorkCpuMicros)).median;
+}
+
+function sortedProbes(probes: number[]): { median: number; max: number } {
+  const sorted = [...probes].sort((a, b) => a - b);
+  return { median: sorted[Math.floor(sorted.length / 2)]!, max: sorted.at(-1)! };
+}
+
 export interface GroupUsage {
   /** CPU used over the window, in % of one core (200 = two cores busy). */
   cpuPercent: number;
@@ -90,6 +122,8 @@ export interface WindowUsage {
   machineCpuPercent: number;
   /** Machine busy minus every group measured: other processes on the box. */
   otherCpuPercent: number;
+  /** fixedWorkCpuMicros() sampled through the window: median and slowest. */
+  fixedWorkMicros?: { median: number; max: number };
 }
 
 /** Pids of each named group of processes, looked up again at every sample (processes come and go). */
@@ -115,6 +149,7 @@ export class Sampler {
         lookup: GroupLookup;
         cpu: Map<string, Map<number, Tracked>>;
         rss: Map<string, number[]>;
+        fixedWork: number[];
       }
     | undefined;
   private sampling: Promise<void> = Promise.resolve();
@@ -123,7 +158,7 @@ export class Sampler {
 
   async start(lookup: GroupLookup): Promise<void> {
     await this.stopTimer();
-    this.window = { started: performance.now(), uptimeStart: uptimeSeconds(), machineStart: readMachine(), lookup, cpu: new Map(), rss: new Map() };
+    this.window = { started: performance.now(), uptimeStart: uptimeSeconds(), machineStart: readMachine(), lookup, cpu: new Map(), rss: new Map(), fixedWork: [] };
     await this.sample();
     this.timer = setInterval(() => {
       this.sampling = this.sampling.then(() => this.sample()).catch(() => {});
@@ -163,12 +198,14 @@ export class Sampler {
       groups,
       machineCpuPercent: Math.round(machineCpuPercent * 10) / 10,
       otherCpuPercent: Math.round(Math.max(0, machineCpuPercent - measured) * 10) / 10,
+      fixedWorkMicros: window.fixedWork.length ? sortedProbes(window.fixedWork) : undefined,
     };
   }
 
   private async sample(): Promise<void> {
     const window = this.window;
     if (!window) return;
+    window.fixedWork.push(fixedWorkCpuMicros());
     const groups = await window.lookup();
     for (const [name, pids] of Object.entries(groups)) {
       let tracked = window.cpu.get(name);

@@ -128,6 +128,15 @@ function serverCpu(u: WindowUsage | undefined): string {
   return `${fmt(u?.groups.server?.cpuPercent)}${main === undefined ? "" : ` (${fmt(main)})`}`;
 }
 
+/** The fixed-work probe against the run's start: median / slowest sample (1.00 = cores as fast as then). */
+const CORE_SLOWNESS = "core slowness: CPU time of a fixed workload ÷ at the run's start, median / slowest sample";
+
+function coreSlowness(u: WindowUsage | undefined, atStart: number | undefined): string {
+  const probe = u?.fixedWorkMicros;
+  if (!probe || !atStart) return "–";
+  return `${(probe.median / atStart).toFixed(2)} / ${(probe.max / atStart).toFixed(2)}`;
+}
+
 function errorsText(e: Record<string, number>): string {
   const entries = Object.entries(e);
   return entries.length ? entries.map(([k, v]) => `${k} ${v}`).join(", ") : "0";
@@ -138,13 +147,13 @@ function ratio(a: number | undefined, b: number | undefined): string {
   return `${fmt((a / b) * 100)}%`;
 }
 
-function phaseTable(s: FanoutScenario, raw: RawCeilings | undefined): string[] {
+function phaseTable(s: FanoutScenario, raw: RawCeilings | undefined, probeAtStart: number | undefined): string[] {
   const lines = [
-    "| offered | accepted msg/s | deliveries/s | ÷ ws ceiling | latency p50 / p99 / p99.9 ms | lost (messages not reaching every member) | late (after the phase's drain) | dup | out of order | send errors / shed | SendMessage p50 / p99 ms | Parley's send statements: count, mean sends each, duration p50 / p99 (bucket bounds) | drain ms | server CPU % (main thread) | server RSS max MiB | event-loop stalls p99 / max ms (beyond the monitor's 10 ms timer): server; worst client | clients CPU % | postgres CPU % | nats CPU % | machine CPU % (max " + "200) | other procs CPU % | sustained? |",
-    "|---|---:|---:|---:|---|---:|---:|---:|---:|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
+    "| offered | accepted msg/s | deliveries/s | ÷ ws ceiling | latency p50 / p99 / p99.9 ms | lost (messages not reaching every member) | late (after the phase's drain) | dup | out of order | send errors / shed | SendMessage p50 / p99 ms | Parley's send statements: count, mean sends each, duration p50 / p99 (bucket bounds) | drain ms | server CPU % (main thread) | server RSS max MiB | event-loop stalls p99 / max ms (beyond the monitor's 10 ms timer): server; worst client | clients CPU % | postgres CPU % | nats CPU % | machine CPU % (max " + `200) | other procs CPU % | ${CORE_SLOWNESS} | sustained? |`,
+    "|---|---:|---:|---:|---|---:|---:|---:|---:|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---|",
   ];
   for (const p of s.phases) {
-    lines.push(`| ${p.offered} | ${fmt(p.acceptedPerSecond)} | ${fmt(p.deliveriesPerSecond, 0)} | ${ratio(p.deliveriesPerSecond, raw?.ws?.deliveriesPerSecond)} | ${lat(p.latency)} | ${p.lost} (${p.incompleteMessages}) | ${p.lateDeliveries ?? "–"} | ${p.duplicates} | ${p.outOfOrder} | ${errorsText(p.sendErrors)} / ${p.shed} | ${fmt(p.sendLatency.p50, 2)} / ${fmt(p.sendLatency.p99, 2)} | ${statementsText(p)} | ${p.drainMs} | ${serverCpu(p.usage)} | ${fmt(p.usage?.groups.server?.rssMaxMiB)} | ${loopDelayText(p)} | ${cpu(p.usage, "clients")} | ${cpu(p.usage, "postgres")} | ${cpu(p.usage, "nats")} | ${fmt(p.usage?.machineCpuPercent)} | ${fmt(p.usage?.otherCpuPercent)} | ${p.offeredRate === null ? "–" : sustained(p) ? "yes" : "no"} |`);
+    lines.push(`| ${p.offered} | ${fmt(p.acceptedPerSecond)} | ${fmt(p.deliveriesPerSecond, 0)} | ${ratio(p.deliveriesPerSecond, raw?.ws?.deliveriesPerSecond)} | ${lat(p.latency)} | ${p.lost} (${p.incompleteMessages}) | ${p.lateDeliveries ?? "–"} | ${p.duplicates} | ${p.outOfOrder} | ${errorsText(p.sendErrors)} / ${p.shed} | ${fmt(p.sendLatency.p50, 2)} / ${fmt(p.sendLatency.p99, 2)} | ${statementsText(p)} | ${p.drainMs} | ${serverCpu(p.usage)} | ${fmt(p.usage?.groups.server?.rssMaxMiB)} | ${loopDelayText(p)} | ${cpu(p.usage, "clients")} | ${cpu(p.usage, "postgres")} | ${cpu(p.usage, "nats")} | ${fmt(p.usage?.machineCpuPercent)} | ${fmt(p.usage?.otherCpuPercent)} | ${coreSlowness(p.usage, probeAtStart)} | ${p.offeredRate === null ? "–" : sustained(p) ? "yes" : "no"} |`);
   }
   return lines;
 }
@@ -194,6 +203,7 @@ export function markdown(results: Results): string {
   out.push(`# Parley benchmark${results.quick ? " (BENCH_QUICK smoke run — short phases, not the real figures)" : ""}`, "");
   out.push(`Run ${results.startedAt} → ${results.finishedAt ?? "?"} (${fmt(results.durationSeconds, 0)} s). Raw data: \`${results.rawFile ?? "bench/results/"}\`.`, "");
   const env = results.environment;
+  const probeAtStart = typeof env.fixedWorkMicrosAtStart === "number" ? env.fixedWorkMicrosAtStart : undefined;
   out.push(`Machine: ${env.cores} cores (${env.cpuModel}), ${env.memoryGiB} GiB; Node ${env.node}; ${env.postgres}; NATS ${env.nats}; checkout at ${env.commit}${env.dirty ? " (src/ with uncommitted changes)" : ""}; Parley ran from: ${env.server ?? "working tree"}. Load average before the run: ${env.loadBefore}.`, "");
   out.push(`Everything (Parley, PostgreSQL, NATS, load generators) shares these cores: the "machine CPU" column is out of ${Number(env.cores) * 100}%, "other procs" is CPU used by processes outside the benchmark during the phase.`, "");
   const before = Object.entries(results.machineBefore ?? {});
@@ -216,14 +226,14 @@ export function markdown(results: Results): string {
     }
     out.push(`Set-up: ${s.setup.ready} of ${s.clients} ${hub ? "hub connections" : "Subscribe streams"} ready (${s.setup.failed} failed) in ${s.setup.subscribeMs} ms. Each phase ${fmt(s.phases[0]?.seconds)} s. Latency = send start (time in the message text) → the member's ${hub ? "connection" : "stream"} delivered it, over all members.`, "");
     out.push(drainNote(s), "");
-    out.push(...phaseTable(s, raw), "", ...verificationLines(s), "");
+    out.push(...phaseTable(s, raw, probeAtStart), "", ...verificationLines(s), "");
   }
   if (results.fanout1) {
     const s = results.fanout1;
     out.push(`## (c) Send throughput at saturation, fan-out 1 (${s.chats} chats of 1 member, each subscribed)`, "");
-    out.push("| load | accepted msg/s | ÷ raw MessageStore.send ceiling | ÷ raw INSERT ceiling | SendMessage p50 / p99 / p99.9 ms | Parley's send statements: count, mean sends each, duration p50 / p99 | delivery p50 / p99 ms | lost | send errors | server CPU % (main thread) | postgres CPU % | machine CPU % | other procs CPU % |", "|---|---:|---:|---:|---|---|---|---:|---|---:|---:|---:|---:|");
+    out.push(`| load | accepted msg/s | ÷ raw MessageStore.send ceiling | ÷ raw INSERT ceiling | SendMessage p50 / p99 / p99.9 ms | Parley's send statements: count, mean sends each, duration p50 / p99 | delivery p50 / p99 ms | lost | send errors | server CPU % (main thread) | postgres CPU % | machine CPU % | other procs CPU % | ${CORE_SLOWNESS} |`, "|---|---:|---:|---:|---|---|---|---:|---|---:|---:|---:|---:|---|");
     for (const p of s.runs) {
-      out.push(`| ${p.offered} | ${fmt(p.acceptedPerSecond)} | ${ratio(p.acceptedPerSecond, raw?.pgSendTx?.perSecond)} | ${ratio(p.acceptedPerSecond, raw?.pgInsert?.perSecond)} | ${lat(p.sendLatency)} | ${statementsText(p)} | ${fmt(p.latency.p50, 2)} / ${fmt(p.latency.p99, 2)} | ${p.lost} | ${errorsText(p.sendErrors)} | ${serverCpu(p.usage)} | ${cpu(p.usage, "postgres")} | ${fmt(p.usage?.machineCpuPercent)} | ${fmt(p.usage?.otherCpuPercent)} |`);
+      out.push(`| ${p.offered} | ${fmt(p.acceptedPerSecond)} | ${ratio(p.acceptedPerSecond, raw?.pgSendTx?.perSecond)} | ${ratio(p.acceptedPerSecond, raw?.pgInsert?.perSecond)} | ${lat(p.sendLatency)} | ${statementsText(p)} | ${fmt(p.latency.p50, 2)} / ${fmt(p.latency.p99, 2)} | ${p.lost} | ${errorsText(p.sendErrors)} | ${serverCpu(p.usage)} | ${cpu(p.usage, "postgres")} | ${fmt(p.usage?.machineCpuPercent)} | ${fmt(p.usage?.otherCpuPercent)} | ${coreSlowness(p.usage, probeAtStart)} |`);
     }
     out.push("", ...verificationLines(s), "");
   }

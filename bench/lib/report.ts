@@ -128,9 +128,9 @@ function serverCpu(u: WindowUsage | undefined): string {
   return `${fmt(u?.groups.server?.cpuPercent)}${main === undefined ? "" : ` (${fmt(main)})`}`;
 }
 
-/** The fixed-work probe against the run's start: median / slowest sample (1.00 = cores as fast as then). */
 const CORE_SLOWNESS = "core slowness: CPU time of a fixed workload ÷ at the run's start, median / slowest sample";
 
+/** The fixed-work probe against the run's start: median / slowest sample (1.00 = cores as fast as then). */
 function coreSlowness(u: WindowUsage | undefined, atStart: number | undefined): string {
   const probe = u?.fixedWorkMicros;
   if (!probe || !atStart) return "–";
@@ -149,7 +149,7 @@ function ratio(a: number | undefined, b: number | undefined): string {
 
 function phaseTable(s: FanoutScenario, raw: RawCeilings | undefined, probeAtStart: number | undefined): string[] {
   const lines = [
-    "| offered | accepted msg/s | deliveries/s | ÷ ws ceiling | latency p50 / p99 / p99.9 ms | lost (messages not reaching every member) | late (after the phase's drain) | dup | out of order | send errors / shed | SendMessage p50 / p99 ms | Parley's send statements: count, mean sends each, duration p50 / p99 (bucket bounds) | drain ms | server CPU % (main thread) | server RSS max MiB | event-loop stalls p99 / max ms (beyond the monitor's 10 ms timer): server; worst client | clients CPU % | postgres CPU % | nats CPU % | machine CPU % (max " + `200) | other procs CPU % | ${CORE_SLOWNESS} | sustained? |`,
+    `| offered | accepted msg/s | deliveries/s | ÷ ws ceiling | latency p50 / p99 / p99.9 ms | lost (messages not reaching every member) | late (after the phase's drain) | dup | out of order | send errors / shed | SendMessage p50 / p99 ms | Parley's send statements: count, mean sends each, duration p50 / p99 (bucket bounds) | drain ms | server CPU % (main thread) | server RSS max MiB | event-loop stalls p99 / max ms (beyond the monitor's 10 ms timer): server; worst client | clients CPU % | postgres CPU % | nats CPU % | machine CPU % (max 200) | other procs CPU % | ${CORE_SLOWNESS} | sustained? |`,
     "|---|---:|---:|---:|---|---:|---:|---:|---:|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---|",
   ];
   for (const p of s.phases) {

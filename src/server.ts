@@ -78,19 +78,20 @@ export async function startServer(config: Config, log: Logger = createLogger(con
   const hubSecret = await loadServerSecret(db.sql, "hub_connection_key");
   const members = new MemberStore(db);
   const streamSlots = new StreamSlots(config.maxStreamsPerUser);
+  const messageStore = new MessageStore(db, (sends, seconds) => {
+    metrics.sendStatementSends.observe(sends);
+    metrics.sendStatementDuration.observe(seconds);
+  });
   const storageTimeoutMs = config.dbTimeoutSeconds * 1000 + 500;
   const services = {
     chats: new Chats(new ChatStore(db), events, pageTokens, config.maxMembers),
     members: new Members(members, events, pageTokens, config.maxMembers),
     messages: new Messages(
-      new MessageStore(db, (sends, seconds) => {
-        metrics.sendStatementSends.observe(sends);
-        metrics.sendStatementDuration.observe(seconds);
-      }), members, events, fanout, subjects, pageTokens,
+      messageStore, members, events, fanout, subjects, pageTokens,
       new RateLimiter(config.sendRatePerSecond, config.sendBurst), metrics,
       { queueLimit: config.streamQueueLimit, watchResyncMs: WATCH_RESYNC_MS, storageTimeoutMs }, streamSlots,
     ),
-    notifications: new Notifications(members, fanout, subjects, metrics, {
+    notifications: new Notifications(members, messageStore, fanout, subjects, metrics, {
       heartbeatSeconds: config.heartbeatSeconds,
       queueLimit: config.streamQueueLimit,
       storageTimeoutMs,

@@ -34,6 +34,9 @@ class LossyBus implements Bus {
   subscribe(subject: string, onMessage: (data: Uint8Array) => void) {
     return this.inner.subscribe(subject, onMessage);
   }
+  flush() {
+    return this.inner.flush();
+  }
   ping() {
     return this.inner.ping();
   }

@@ -3,6 +3,8 @@ export interface Bus {
   publish(subject: string, data: Uint8Array): Promise<void>;
   /** Calls onMessage for every message on the subject until the returned function is called. */
   subscribe(subject: string, onMessage: (data: Uint8Array) => void): () => void;
+  /** Resolves once every subscription made before the call receives what is published from then on. */
+  flush(): Promise<void>;
   /** Throws when the bus cannot be reached. */
   ping(): Promise<void>;
   /** False while the connection to the bus is lost: events published meanwhile may never arrive. */

@@ -36,6 +36,11 @@ export class Fanout {
     };
   }
 
+  /** Resolves once every listener added so far receives what is published from then on. */
+  active(): Promise<void> {
+    return this.bus.flush();
+  }
+
   /** Whether events flow now; see Bus.connected. */
   get connected(): boolean {
     return this.bus.connected;

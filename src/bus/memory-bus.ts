@@ -21,6 +21,9 @@ export class MemoryBus implements Bus {
     };
   }
 
+  /** Subscriptions here are active at once. */
+  async flush(): Promise<void> {}
+
   async ping(): Promise<void> {}
 
   /** In-process delivery cannot be interrupted. */

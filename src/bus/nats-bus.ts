@@ -55,6 +55,11 @@ export class NatsBus implements Bus {
     return () => subscription.unsubscribe();
   }
 
+  /** The server answers a PING after it has processed every SUB sent before it. */
+  async flush(): Promise<void> {
+    await this.nc.flush();
+  }
+
   onConnectionChange(listener: (connected: boolean) => void): () => void {
     this.listeners.add(listener);
     return () => this.listeners.delete(listener);

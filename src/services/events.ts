@@ -23,11 +23,7 @@ export class Events {
 
   /** Goes to the chat subject with the full message, so live delivery needs no database read. */
   messageCreated(tenant: string, message: Message): Promise<void> {
-    const { chatId, id, sequence, senderId } = message;
-    return this.publish([this.subjects.chat(tenant, chatId)], chatId, {
-      case: "messageCreated",
-      value: { chatId, messageId: id, sequence, senderId, message },
-    });
+    return this.publish([this.subjects.chat(tenant, message.chatId)], message.chatId, messageCreatedEvent(message));
   }
 
   chatCreated(tenant: string, chatId: string, name: string, creatorId: string, memberIds: string[]): Promise<void> {
@@ -75,4 +71,10 @@ export class Events {
       }
     }
   }
+}
+
+/** MessageCreated with the full message: on the bus, and for a stream catching up from storage. */
+export function messageCreatedEvent(message: Message): Event {
+  const { chatId, id, sequence, senderId } = message;
+  return { case: "messageCreated", value: { chatId, messageId: id, sequence, senderId, message } };
 }

@@ -7,6 +7,8 @@ import type { Subjects } from "../bus/subjects.js";
 import { ResourceExhaustedError, UnavailableError } from "../errors.js";
 import type { Metrics } from "../observability/metrics.js";
 import type { MemberStore } from "../store/member-store.js";
+import type { MessageStore } from "../store/message-store.js";
+import { messageCreatedEvent } from "./events.js";
 import { abortReason, EventQueue, type StreamOutput } from "./event-queue.js";
 import { withDeadline } from "../deadline.js";
 import type { StreamSlots } from "./stream-slots.js";
@@ -25,10 +27,24 @@ const STALLED_GRACE_MS = 2000;
  * markers) and to the subject of each chat the user is in, adding and dropping chats as membership
  * events arrive. Events about the user's own membership come from the user subject only, so none is
  * delivered twice.
+ *
+ * A chat joined while subscribed is followed from the moment its join event arrives, but its messages
+ * may be published before this instance's bus subscription to the chat is active (another instance,
+ * or the next send, can be quicker): once it is active, the messages stored since the join are read
+ * and delivered, and live ones already read are skipped.
  */
+interface FollowedChat {
+  stop: () => void;
+  /** Live MessageCreated events up to this sequence were delivered from storage. */
+  readUpTo: bigint;
+  /** While storage is read, the chat's live events wait here. */
+  held?: Notification[];
+}
+
 export class Notifications {
   constructor(
     private readonly members: MemberStore,
+    private readonly messages: Pick<MessageStore, "sinceJoin">,
     private readonly fanout: Fanout,
     private readonly subjects: Subjects,
     private readonly metrics: Metrics,
@@ -52,27 +68,51 @@ export class Notifications {
       stalled = setTimeout(() => output.cutOff?.(fellBehind()), STALLED_GRACE_MS);
     });
     const releaseSlot = this.streamSlots.acquire(caller, (error) => queue.fail(error), output.cutOff);
-    const chats = new Map<string, () => void>();
+    const chats = new Map<string, FollowedChat>();
     /** Chats whose membership changed while the initial list was loading: the event wins. */
     const changedDuringSetup = new Set<string>();
     let settingUp = true;
 
-    const listenToChat = (chatId: string) => {
+    const listenToChat = (chatId: string, joined: boolean) => {
       if (chats.has(chatId)) return;
-      chats.set(chatId, this.fanout.listen(this.subjects.chat(tenantId, chatId), (event) => {
+      const chat: FollowedChat = { stop: () => {}, readUpTo: 0n, held: joined ? [] : undefined };
+      chat.stop = this.fanout.listen(this.subjects.chat(tenantId, chatId), (event) => {
         const e = event.event;
         if ((e.case === "memberAdded" || e.case === "memberRemoved") && e.value.userId === userId) return;
-        queue.push(event);
-      }));
+        if (chat.held) chat.held.push(event);
+        else if (e.case !== "messageCreated" || e.value.sequence > chat.readUpTo) queue.push(event);
+      });
+      chats.set(chatId, chat);
+      if (joined) void catchUp(chatId, chat);
+    };
+    const catchUp = async (chatId: string, chat: FollowedChat) => {
+      try {
+        await this.fanout.active();
+        const stored = await this.messages.sinceJoin(tenantId, chatId, userId, signal);
+        if (chats.get(chatId) !== chat) return; // left meanwhile
+        for (const message of stored) {
+          queue.push(create(NotificationSchema, { chatId, time: message.createTime, event: messageCreatedEvent(message) }));
+        }
+        chat.readUpTo = stored.at(-1)?.sequence ?? 0n;
+        const held = chat.held!;
+        chat.held = undefined;
+        for (const event of held) {
+          const e = event.event;
+          if (e.case !== "messageCreated" || e.value.sequence > chat.readUpTo) queue.push(event);
+        }
+      } catch (error) {
+        // Without storage the stream cannot promise it missed nothing: the client resubscribes.
+        if (!signal.aborted) queue.fail(new UnavailableError(`cannot catch up on a joined chat: ${(error as Error).message}`));
+      }
     };
     const stopListeningToChat = (chatId: string) => {
-      chats.get(chatId)?.();
+      chats.get(chatId)?.stop();
       chats.delete(chatId);
     };
     const stopUser = this.fanout.listen(this.subjects.user(tenantId, userId), (event) => {
       const e = event.event;
       if (settingUp) changedDuringSetup.add(event.chatId);
-      if (e.case === "chatCreated" || e.case === "memberAdded") listenToChat(event.chatId);
+      if (e.case === "chatCreated" || e.case === "memberAdded") listenToChat(event.chatId, true);
       if (e.case === "memberRemoved") stopListeningToChat(event.chatId);
       queue.push(event);
     });
@@ -87,9 +127,11 @@ export class Notifications {
     try {
       const chatIds = await withDeadline(this.members.chatIdsOf(tenantId, userId, signal), this.limits.storageTimeoutMs, "storage");
       for (const chatId of chatIds) {
-        if (!changedDuringSetup.has(chatId)) listenToChat(chatId);
+        if (!changedDuringSetup.has(chatId)) listenToChat(chatId, false);
       }
       settingUp = false;
+      // Ready promises that nothing is missed from here on: every subscription must be active first.
+      await withDeadline(this.fanout.active(), this.limits.storageTimeoutMs, "event bus");
       yield create(NotificationSchema, { time: timestampNow(), event: { case: "ready", value: {} } });
       const shape = (event: Notification) => (req.includeMessages ? event : withoutMessage(event));
       /** Set when a bus callback found the transport full: nothing more is written until it resolves. */
@@ -125,7 +167,7 @@ export class Notifications {
       stopWatchingBus();
       clearInterval(heartbeat);
       stopUser();
-      for (const stop of chats.values()) stop();
+      for (const chat of chats.values()) chat.stop();
       this.metrics.activeStreams.dec({ kind: "subscribe" });
     }
   }

@@ -33,6 +33,8 @@ export interface SendResult {
  * are answered in sequence order, which keeps its MessageCreated events in order.
  */
 const MAX_SENDS_PER_STATEMENT = 256;
+/** A stream catches up on a chat it just joined (see sinceJoin): far more than a join can miss. */
+const SINCE_JOIN_LIMIT = 1000;
 
 interface PendingSend {
   tenant: string;
@@ -265,6 +267,22 @@ export class MessageStore extends Store {
       SELECT * FROM messages WHERE tenant_id = ${tenant} AND id = ${messageId} AND chat_id = ${chatId}
         AND EXISTS (SELECT 1 FROM members m WHERE m.tenant_id = ${tenant} AND m.chat_id = ${chatId} AND m.user_id = ${reader})`, signal);
     return row && toMessage(row);
+  }
+
+  /**
+   * The messages stored since the reader joined the chat (for a chat it created or was created into:
+   * all), oldest first, none when it is no longer a member. Join and send both lock the chat row, so a
+   * message sent after the join has a later time; one from the same millisecond before it may be
+   * included.
+   */
+  async sinceJoin(tenant: string, chatId: string, reader: string, signal?: AbortSignal): Promise<Message[]> {
+    const rows = await this.cancellable(this.sql`
+      SELECT msg.* FROM messages msg
+      JOIN members m ON m.tenant_id = msg.tenant_id AND m.chat_id = msg.chat_id AND m.user_id = ${reader}
+      WHERE msg.tenant_id = ${tenant} AND msg.chat_id = ${chatId} AND msg.create_time >= m.join_time
+      ORDER BY msg.sequence
+      LIMIT ${SINCE_JOIN_LIMIT}`, signal);
+    return rows.map(toMessage);
   }
 
   /** One page of history (limit + 1 rows are read to know whether more follow). */

@@ -1,0 +1,162 @@
+// Subscribe follows chats joined while subscribed, and must not miss their first messages although
+// the bus subscription to a new chat becomes active only some time after the join event arrived.
+import fs from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { test } from "uvu";
+import * as assert from "uvu/assert";
+import { create } from "@bufbuild/protobuf";
+import { SubscribeRequestSchema, type Notification } from "../gen/parley/v1/notification_pb.js";
+import type { Bus } from "../src/bus/bus.js";
+import { Fanout } from "../src/bus/fanout.js";
+import { MemoryBus } from "../src/bus/memory-bus.js";
+import { Subjects } from "../src/bus/subjects.js";
+import { loadConfig } from "../src/config.js";
+import { createLogger } from "../src/observability/logger.js";
+import { Metrics } from "../src/observability/metrics.js";
+import { Events } from "../src/services/events.js";
+import { Notifications } from "../src/services/notifications.js";
+import { StreamSlots } from "../src/services/stream-slots.js";
+import { ChatStore } from "../src/store/chat-store.js";
+import { openDatabase, type Database } from "../src/store/database.js";
+import { MemberStore } from "../src/store/member-store.js";
+import { MessageStore } from "../src/store/message-store.js";
+import { createTestDatabase, testDatabaseUrl } from "./support/server.js";
+
+/**
+ * Like NATS, where a SUB takes effect only when the server has read it: while held, new subscriptions
+ * stay inactive (what is published to them is lost) until flush() is let through by release().
+ */
+class LateBus implements Bus {
+  private readonly inner = new MemoryBus();
+  private pending: (() => void)[] = [];
+  private gate: Promise<void> = Promise.resolve();
+  private open: () => void = () => {};
+  hold() {
+    this.gate = new Promise((resolve) => (this.open = resolve));
+  }
+  release() {
+    this.open();
+  }
+  async publish(subject: string, data: Uint8Array) {
+    await this.inner.publish(subject, data);
+  }
+  subscribe(subject: string, onMessage: (data: Uint8Array) => void) {
+    let active = false;
+    const unsubscribe = this.inner.subscribe(subject, (data) => active && onMessage(data));
+    this.pending.push(() => (active = true));
+    return unsubscribe;
+  }
+  async flush() {
+    await this.gate;
+    for (const activate of this.pending.splice(0)) activate();
+  }
+  ping() {
+    return this.inner.ping();
+  }
+  readonly connected = true;
+  onConnectionChange() {
+    return this.inner.onConnectionChange();
+  }
+  close() {
+    return this.inner.close();
+  }
+}
+
+const log = createLogger("silent");
+let db: Database;
+let dataDir: string;
+let drop: (() => Promise<void>) | undefined;
+
+test.before(async () => {
+  dataDir = await fs.mkdtemp(path.join(os.tmpdir(), "parley-join-"));
+  const database = testDatabaseUrl ? await createTestDatabase(testDatabaseUrl) : undefined;
+  drop = database?.drop;
+  db = await openDatabase(loadConfig({ PARLEY_DATA_DIR: dataDir, DATABASE_URL: database?.url, PARLEY_JWT_SECRET: "x".repeat(32) }), log);
+});
+test.after(async () => {
+  await db.close();
+  await drop?.();
+  await fs.rm(dataDir, { recursive: true, force: true });
+});
+
+function setUp() {
+  const bus = new LateBus();
+  const metrics = new Metrics();
+  const subjects = new Subjects("join");
+  const messages = new MessageStore(db);
+  const notifications = new Notifications(
+    new MemberStore(db), messages, new Fanout(bus, metrics, log), subjects, metrics,
+    { heartbeatSeconds: 3600, queueLimit: 1000, storageTimeoutMs: 5000 }, new StreamSlots(10),
+  );
+  const events = new Events(bus, subjects, metrics, log);
+  const tenant = `join-${Date.now()}-${Math.random().toString(36).slice(2)}`;
+  /** Stores a message and publishes it, as SendMessage does. */
+  const send = async (chatId: string, text: string) => {
+    const { message } = await messages.send(tenant, chatId, crypto.randomUUID(), "alice", text, "");
+    await events.messageCreated(tenant, message);
+  };
+  return { bus, notifications, events, tenant, send };
+}
+
+/** What a stream delivers: the event's case, and the message text for MessageCreated. */
+function describe(n: Notification): string {
+  return n.event.case === "messageCreated" ? `message ${n.event.value.message?.text}` : n.event.case ?? "?";
+}
+
+async function next(stream: AsyncGenerator<Notification>): Promise<string> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<string>((resolve) => (timer = setTimeout(() => resolve("nothing within 3 s"), 3000)));
+  const event = stream.next().then((r) => (r.done ? "end" : describe(r.value)));
+  try {
+    return await Promise.race([event, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+test("subscribe - the first message of a chat created with the subscriber arrives although the chat's subscription started late", async () => {
+  const { bus, notifications, events, tenant, send } = setUp();
+  const abort = new AbortController();
+  const stream = notifications.subscribe({ tenantId: tenant, userId: "bob" }, create(SubscribeRequestSchema, { includeMessages: true }), abort.signal);
+  try {
+    assert.is(await next(stream), "ready");
+    bus.hold();
+    const { chat } = await new ChatStore(db).create(tenant, crypto.randomUUID(), "alice", "late", ["bob"]);
+    await events.chatCreated(tenant, chat.id, chat.name, "alice", ["alice", "bob"]);
+    assert.is(await next(stream), "chatCreated");
+    await send(chat.id, "first"); // published while the stream's chat subscription is not yet active
+    bus.release();
+    await send(chat.id, "second");
+    assert.equal([await next(stream), await next(stream)], ["message first", "message second"]);
+  } finally {
+    bus.release();
+    abort.abort();
+    await stream.return(undefined).catch(() => {});
+  }
+});
+
+test("subscribe - a member added to a chat gets the messages sent after the join, not those before", async () => {
+  const { bus, notifications, events, tenant, send } = setUp();
+  const { chat } = await new ChatStore(db).create(tenant, crypto.randomUUID(), "alice", "late", []);
+  await send(chat.id, "before the join");
+  const abort = new AbortController();
+  const stream = notifications.subscribe({ tenantId: tenant, userId: "bob" }, create(SubscribeRequestSchema, { includeMessages: true }), abort.signal);
+  try {
+    assert.is(await next(stream), "ready");
+    bus.hold();
+    await new MemberStore(db).add(tenant, "alice", chat.id, ["bob"], 100);
+    await events.membersAdded(tenant, chat.id, ["bob"], "alice");
+    assert.is(await next(stream), "memberAdded");
+    await send(chat.id, "after the join");
+    bus.release();
+    await send(chat.id, "live");
+    assert.equal([await next(stream), await next(stream)], ["message after the join", "message live"]);
+  } finally {
+    bus.release();
+    abort.abort();
+    await stream.return(undefined).catch(() => {});
+  }
+});
+
+test.run();

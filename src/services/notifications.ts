@@ -22,6 +22,15 @@ export interface NotificationLimits {
 /** How long a stream that fell behind may take to read its RESOURCE_EXHAUSTED before it is cut off. */
 const STALLED_GRACE_MS = 2000;
 
+/** A chat a stream follows. */
+interface FollowedChat {
+  stop: () => void;
+  /** Live MessageCreated events up to this sequence were delivered from storage. */
+  readUpTo: bigint;
+  /** While storage is read, the chat's live events wait here. */
+  held?: Notification[];
+}
+
 /**
  * One user's event stream. It listens to the user's subject (chats created with, joined, left, read
  * markers) and to the subject of each chat the user is in, adding and dropping chats as membership
@@ -33,14 +42,6 @@ const STALLED_GRACE_MS = 2000;
  * or the next send, can be quicker): once it is active, the messages stored since the join are read
  * and delivered, and live ones already read are skipped.
  */
-interface FollowedChat {
-  stop: () => void;
-  /** Live MessageCreated events up to this sequence were delivered from storage. */
-  readUpTo: bigint;
-  /** While storage is read, the chat's live events wait here. */
-  held?: Notification[];
-}
-
 export class Notifications {
   constructor(
     private readonly members: MemberStore,
@@ -87,8 +88,10 @@ export class Notifications {
     };
     const catchUp = async (chatId: string, chat: FollowedChat) => {
       try {
-        await this.fanout.active();
-        const stored = await this.messages.sinceJoin(tenantId, chatId, userId, signal);
+        const stored = await withDeadline(
+          this.fanout.active().then(() => this.messages.sinceJoin(tenantId, chatId, userId, signal)),
+          this.limits.storageTimeoutMs, "storage",
+        );
         if (chats.get(chatId) !== chat) return; // left meanwhile
         for (const message of stored) {
           queue.push(create(NotificationSchema, { chatId, time: message.createTime, event: messageCreatedEvent(message) }));

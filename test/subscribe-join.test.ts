@@ -1,34 +1,28 @@
 // Subscribe follows chats joined while subscribed, and must not miss their first messages although
 // the bus subscription to a new chat becomes active only some time after the join event arrived.
-import fs from "node:fs/promises";
-import os from "node:os";
-import path from "node:path";
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { create } from "@bufbuild/protobuf";
 import { SubscribeRequestSchema, type Notification } from "../gen/parley/v1/notification_pb.js";
-import type { Bus } from "../src/bus/bus.js";
 import { Fanout } from "../src/bus/fanout.js";
 import { MemoryBus } from "../src/bus/memory-bus.js";
 import { Subjects } from "../src/bus/subjects.js";
-import { loadConfig } from "../src/config.js";
 import { createLogger } from "../src/observability/logger.js";
 import { Metrics } from "../src/observability/metrics.js";
 import { Events } from "../src/services/events.js";
 import { Notifications } from "../src/services/notifications.js";
 import { StreamSlots } from "../src/services/stream-slots.js";
 import { ChatStore } from "../src/store/chat-store.js";
-import { openDatabase, type Database } from "../src/store/database.js";
+import type { Database } from "../src/store/database.js";
 import { MemberStore } from "../src/store/member-store.js";
 import { MessageStore } from "../src/store/message-store.js";
-import { createTestDatabase, testDatabaseUrl } from "./support/server.js";
+import { openStoreTestDatabase } from "./support/server.js";
 
 /**
  * Like NATS, where a SUB takes effect only when the server has read it: while held, new subscriptions
  * stay inactive (what is published to them is lost) until flush() is let through by release().
  */
-class LateBus implements Bus {
-  private readonly inner = new MemoryBus();
+class LateBus extends MemoryBus {
   private pending: (() => void)[] = [];
   private gate: Promise<void> = Promise.resolve();
   private open: () => void = () => {};
@@ -38,47 +32,26 @@ class LateBus implements Bus {
   release() {
     this.open();
   }
-  async publish(subject: string, data: Uint8Array) {
-    await this.inner.publish(subject, data);
-  }
-  subscribe(subject: string, onMessage: (data: Uint8Array) => void) {
+  override subscribe(subject: string, onMessage: (data: Uint8Array) => void) {
     let active = false;
-    const unsubscribe = this.inner.subscribe(subject, (data) => active && onMessage(data));
+    const unsubscribe = super.subscribe(subject, (data) => active && onMessage(data));
     this.pending.push(() => (active = true));
     return unsubscribe;
   }
-  async flush() {
+  override async flush() {
     await this.gate;
     for (const activate of this.pending.splice(0)) activate();
-  }
-  ping() {
-    return this.inner.ping();
-  }
-  readonly connected = true;
-  onConnectionChange() {
-    return this.inner.onConnectionChange();
-  }
-  close() {
-    return this.inner.close();
   }
 }
 
 const log = createLogger("silent");
 let db: Database;
-let dataDir: string;
-let drop: (() => Promise<void>) | undefined;
+let closeDatabase: () => Promise<void>;
 
 test.before(async () => {
-  dataDir = await fs.mkdtemp(path.join(os.tmpdir(), "parley-join-"));
-  const database = testDatabaseUrl ? await createTestDatabase(testDatabaseUrl) : undefined;
-  drop = database?.drop;
-  db = await openDatabase(loadConfig({ PARLEY_DATA_DIR: dataDir, DATABASE_URL: database?.url, PARLEY_JWT_SECRET: "x".repeat(32) }), log);
+  ({ db, close: closeDatabase } = await openStoreTestDatabase());
 });
-test.after(async () => {
-  await db.close();
-  await drop?.();
-  await fs.rm(dataDir, { recursive: true, force: true });
-});
+test.after(() => closeDatabase());
 
 function setUp() {
   const bus = new LateBus();

@@ -1,7 +1,4 @@
 // WatchMessages must deliver every message even when the bus loses events or the stream falls behind.
-import fs from "node:fs/promises";
-import os from "node:os";
-import path from "node:path";
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { create } from "@bufbuild/protobuf";
@@ -10,7 +7,6 @@ import type { Bus } from "../src/bus/bus.js";
 import { Fanout } from "../src/bus/fanout.js";
 import { MemoryBus } from "../src/bus/memory-bus.js";
 import { Subjects } from "../src/bus/subjects.js";
-import { loadConfig } from "../src/config.js";
 import { createLogger } from "../src/observability/logger.js";
 import { Metrics } from "../src/observability/metrics.js";
 import { Events } from "../src/services/events.js";
@@ -19,54 +15,30 @@ import { PageTokens } from "../src/services/page-token.js";
 import { RateLimiter } from "../src/services/rate-limiter.js";
 import { StreamSlots } from "../src/services/stream-slots.js";
 import { ChatStore } from "../src/store/chat-store.js";
-import { openDatabase, type Database } from "../src/store/database.js";
+import type { Database } from "../src/store/database.js";
 import { MemberStore } from "../src/store/member-store.js";
 import { MessageStore } from "../src/store/message-store.js";
-import { createTestDatabase, testDatabaseUrl } from "./support/server.js";
+import { openStoreTestDatabase } from "./support/server.js";
 
 /** Delivers only the publishes that `keep` accepts, like a bus that loses messages. */
-class LossyBus implements Bus {
+class LossyBus extends MemoryBus {
   private count = 0;
-  constructor(private readonly inner: Bus, private readonly keep: (n: number) => boolean) {}
-  async publish(subject: string, data: Uint8Array) {
-    if (this.keep(++this.count)) await this.inner.publish(subject, data);
+  constructor(private readonly keep: (n: number) => boolean) {
+    super();
   }
-  subscribe(subject: string, onMessage: (data: Uint8Array) => void) {
-    return this.inner.subscribe(subject, onMessage);
-  }
-  flush() {
-    return this.inner.flush();
-  }
-  ping() {
-    return this.inner.ping();
-  }
-  get connected() {
-    return this.inner.connected;
-  }
-  onConnectionChange(listener: (connected: boolean) => void) {
-    return this.inner.onConnectionChange(listener);
-  }
-  close() {
-    return this.inner.close();
+  override async publish(subject: string, data: Uint8Array) {
+    if (this.keep(++this.count)) await super.publish(subject, data);
   }
 }
 
 const log = createLogger("silent");
 let db: Database;
-let dataDir: string;
-let drop: (() => Promise<void>) | undefined;
+let closeDatabase: () => Promise<void>;
 
 test.before(async () => {
-  dataDir = await fs.mkdtemp(path.join(os.tmpdir(), "parley-gaps-"));
-  const database = testDatabaseUrl ? await createTestDatabase(testDatabaseUrl) : undefined;
-  drop = database?.drop;
-  db = await openDatabase(loadConfig({ PARLEY_DATA_DIR: dataDir, DATABASE_URL: database?.url, PARLEY_JWT_SECRET: "x".repeat(32) }), log);
+  ({ db, close: closeDatabase } = await openStoreTestDatabase());
 });
-test.after(async () => {
-  await db.close();
-  await drop?.();
-  await fs.rm(dataDir, { recursive: true, force: true });
-});
+test.after(() => closeDatabase());
 
 function messagesService(bus: Bus, queueLimit: number) {
   const metrics = new Metrics();
@@ -103,7 +75,7 @@ async function watchAndSend(service: Messages, count: number, readDelayMs: numbe
 const oneToN = (n: number) => Array.from({ length: n }, (_, i) => BigInt(i + 1));
 
 test("watch - events lost by the bus are filled from storage, in order, without duplicates", async () => {
-  const service = messagesService(new LossyBus(new MemoryBus(), (n) => n % 3 !== 0), 1000);
+  const service = messagesService(new LossyBus((n) => n % 3 !== 0), 1000);
   assert.equal(await watchAndSend(service, 60, 0), oneToN(60));
 });
 

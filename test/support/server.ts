@@ -7,6 +7,7 @@ import { SignJWT } from "jose";
 import { loadConfig } from "../../src/config.js";
 import { createLogger } from "../../src/observability/logger.js";
 import { startServer, type ParleyServer } from "../../src/server.js";
+import { openDatabase, type Database } from "../../src/store/database.js";
 
 export const TEST_SECRET = "parley-test-secret-0123456789abcdef-0123456789";
 
@@ -32,6 +33,25 @@ export async function createTestDatabase(baseUrl: string): Promise<{ url: string
       const admin = postgres(baseUrl, { max: 1, onnotice: () => {} });
       await admin.unsafe(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
       await admin.end();
+    },
+  };
+}
+
+/**
+ * A migrated database for tests that use the stores directly: a fresh one on TEST_DATABASE_URL's server,
+ * else PGlite in a temporary directory; close() removes it.
+ */
+export async function openStoreTestDatabase(): Promise<{ db: Database; close: () => Promise<void> }> {
+  const dataDir = await fs.mkdtemp(path.join(os.tmpdir(), "parley-store-"));
+  const database = testDatabaseUrl ? await createTestDatabase(testDatabaseUrl) : undefined;
+  const log = createLogger("silent");
+  const db = await openDatabase(loadConfig({ PARLEY_DATA_DIR: dataDir, DATABASE_URL: database?.url, PARLEY_JWT_SECRET: "x".repeat(32) }), log);
+  return {
+    db,
+    async close() {
+      await db.close();
+      await database?.drop();
+      await fs.rm(dataDir, { recursive: true, force: true });
     },
   };
 }

@@ -69,7 +69,19 @@ function setUp() {
     const { message } = await messages.send(tenant, chatId, crypto.randomUUID(), "alice", text, "");
     await events.messageCreated(tenant, message);
   };
-  return { bus, notifications, events, tenant, send };
+  /** Bob's stream, given to body and ended (with the bus let through) whatever body does. */
+  const asBob = async (body: (stream: AsyncGenerator<Notification>) => Promise<void>) => {
+    const abort = new AbortController();
+    const stream = notifications.subscribe({ tenantId: tenant, userId: "bob" }, create(SubscribeRequestSchema, { includeMessages: true }), abort.signal);
+    try {
+      await body(stream);
+    } finally {
+      bus.release();
+      abort.abort();
+      await stream.return(undefined).catch(() => {});
+    }
+  };
+  return { bus, events, tenant, send, asBob };
 }
 
 /** What a stream delivers: the event's case, and the message text for MessageCreated. */
@@ -88,11 +100,22 @@ async function next(stream: AsyncGenerator<Notification>): Promise<string> {
   }
 }
 
+test("subscribe - Ready comes only once the stream's bus subscriptions are active", async () => {
+  const { bus, asBob } = setUp();
+  bus.hold();
+  await asBob(async (stream) => {
+    let released = false;
+    const ready = next(stream).then((event) => ({ event, released }));
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    released = true;
+    bus.release();
+    assert.equal(await ready, { event: "ready", released: true });
+  });
+});
+
 test("subscribe - the first message of a chat created with the subscriber arrives although the chat's subscription started late", async () => {
-  const { bus, notifications, events, tenant, send } = setUp();
-  const abort = new AbortController();
-  const stream = notifications.subscribe({ tenantId: tenant, userId: "bob" }, create(SubscribeRequestSchema, { includeMessages: true }), abort.signal);
-  try {
+  const { bus, events, tenant, send, asBob } = setUp();
+  await asBob(async (stream) => {
     assert.is(await next(stream), "ready");
     bus.hold();
     const { chat } = await new ChatStore(db).create(tenant, crypto.randomUUID(), "alice", "late", ["bob"]);
@@ -102,20 +125,14 @@ test("subscribe - the first message of a chat created with the subscriber arrive
     bus.release();
     await send(chat.id, "second");
     assert.equal([await next(stream), await next(stream)], ["message first", "message second"]);
-  } finally {
-    bus.release();
-    abort.abort();
-    await stream.return(undefined).catch(() => {});
-  }
+  });
 });
 
 test("subscribe - a member added to a chat gets the messages sent after the join, not those before", async () => {
-  const { bus, notifications, events, tenant, send } = setUp();
+  const { bus, events, tenant, send, asBob } = setUp();
   const { chat } = await new ChatStore(db).create(tenant, crypto.randomUUID(), "alice", "late", []);
   await send(chat.id, "before the join");
-  const abort = new AbortController();
-  const stream = notifications.subscribe({ tenantId: tenant, userId: "bob" }, create(SubscribeRequestSchema, { includeMessages: true }), abort.signal);
-  try {
+  await asBob(async (stream) => {
     assert.is(await next(stream), "ready");
     bus.hold();
     await new MemberStore(db).add(tenant, "alice", chat.id, ["bob"], 100);
@@ -125,11 +142,7 @@ test("subscribe - a member added to a chat gets the messages sent after the join
     bus.release();
     await send(chat.id, "live");
     assert.equal([await next(stream), await next(stream)], ["message after the join", "message live"]);
-  } finally {
-    bus.release();
-    abort.abort();
-    await stream.return(undefined).catch(() => {});
-  }
+  });
 });
 
 test.run();

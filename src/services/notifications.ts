@@ -81,10 +81,15 @@ export class Notifications {
         const e = event.event;
         if ((e.case === "memberAdded" || e.case === "memberRemoved") && e.value.userId === userId) return;
         if (chat.held) chat.held.push(event);
-        else if (e.case !== "messageCreated" || e.value.sequence > chat.readUpTo) queue.push(event);
+        else deliverLive(chat, event);
       });
       chats.set(chatId, chat);
       if (joined) void catchUp(chatId, chat);
+    };
+    /** A chat's live event, unless storage delivered it already (see catchUp). */
+    const deliverLive = (chat: FollowedChat, event: Notification) => {
+      const e = event.event;
+      if (e.case !== "messageCreated" || e.value.sequence > chat.readUpTo) queue.push(event);
     };
     const catchUp = async (chatId: string, chat: FollowedChat) => {
       try {
@@ -99,10 +104,7 @@ export class Notifications {
         chat.readUpTo = stored.at(-1)?.sequence ?? 0n;
         const held = chat.held!;
         chat.held = undefined;
-        for (const event of held) {
-          const e = event.event;
-          if (e.case !== "messageCreated" || e.value.sequence > chat.readUpTo) queue.push(event);
-        }
+        for (const event of held) deliverLive(chat, event);
       } catch (error) {
         // Without storage the stream cannot promise it missed nothing: the client resubscribes.
         if (!signal.aborted) queue.fail(new UnavailableError(`cannot catch up on a joined chat: ${(error as Error).message}`));

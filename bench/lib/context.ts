@@ -122,7 +122,7 @@ export class Context {
     return postgres(this.databaseUrl, { max, onnotice: () => {}, connect_timeout: 10, types: { bigint: postgres.BigInt } });
   }
 
-  async startServer(label: string, inspect = false): Promise<ParleyProcess> {
+  async startServer(label: string, inspect = false, script?: string): Promise<ParleyProcess> {
     if (this.server) await this.stopServer();
     this.serverCount++;
     this.server = await startParley({
@@ -134,8 +134,9 @@ export class Context {
       logFile: path.join(this.tmpDir, `server-${this.serverCount}-${label}.log`),
       profileDir: this.profileDir ? path.join(this.profileDir, `${this.serverCount}-${label}`) : undefined,
       inspect,
+      script,
     });
-    this.log(`parley started for ${label}: pid ${this.server.pid}, ${this.server.url}`);
+    this.log(`${script ?? "parley"} started for ${label}: pid ${this.server.pid}, ${this.server.url}`);
     return this.server;
   }
 

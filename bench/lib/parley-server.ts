@@ -33,6 +33,8 @@ export interface ParleyOptions {
   env?: Record<string, string>;
   /** Opens the inspector on a loopback port (used only to force GC before memory measurements). */
   inspect?: boolean;
+  /** The entry point, relative to root: Parley's by default, or a stand-in such as bench/idle-floor-server.ts. */
+  script?: string;
 }
 
 export async function freePort(): Promise<number> {
@@ -46,7 +48,7 @@ export async function freePort(): Promise<number> {
   });
 }
 
-/** Starts `node --import tsx src/main.ts` as its own process and waits until /readyz answers 200. */
+/** Starts `node --import tsx src/main.ts` (or options.script) as its own process and waits until /readyz answers 200. */
 export async function startParley(options: ParleyOptions, readyTimeoutMs = 30_000): Promise<ParleyProcess> {
   const port = await freePort();
   const url = `http://127.0.0.1:${port}`;
@@ -58,7 +60,7 @@ export async function startParley(options: ParleyOptions, readyTimeoutMs = 30_00
   if (options.inspect) args.push("--inspect=127.0.0.1:0");
   // V8 flags that NODE_OPTIONS refuses (--trace-gc, --trace-gc-nvp), for studying the server under load.
   if (process.env.BENCH_SERVER_NODE_ARGS) args.push(...process.env.BENCH_SERVER_NODE_ARGS.split(" ").filter(Boolean));
-  args.push("src/main.ts");
+  args.push(options.script ?? "src/main.ts");
   let inspectorUrl: string | undefined;
   const env: Record<string, string> = {
     PATH: process.env.PATH ?? "/usr/bin:/bin",

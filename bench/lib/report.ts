@@ -1,7 +1,7 @@
 import type { ServerReport } from "./context.js";
 import type { LatencySummary } from "./hist.js";
 import type { WindowUsage } from "./proc-stats.js";
-import type { Fanout1Scenario, FanoutScenario, HistoryMeasure, IdleScenario, PhaseResult, RawCeilings } from "./scenarios.js";
+import type { Fanout1Scenario, FanoutScenario, HistoryMeasure, IdleMeasure, IdleScenario, IdleStreams, PhaseResult, RawCeilings } from "./scenarios.js";
 
 export interface Results {
   startedAt: string;
@@ -75,13 +75,13 @@ export function judge(results: Results): Target[] {
   const idleMax = results.idle?.multiplexed.at(-1);
   targets.push({
     target: "Idle Subscribe stream ≤ 20 KiB server memory (multiplexed, largest count)",
-    measured: idleMax ? `${idleMax.perStreamKiB} KiB RSS per stream at ${idleMax.streams} streams (heap ${idleMax.perStreamHeapKiB} KiB)` : "not measured",
+    measured: idleMax ? `${idleMax.perStreamKiB} KiB RSS per stream at ${idleMax.streams} streams (heap ${idleMax.perStreamHeapKiB} KiB)${floorText(results.idle?.floor?.multiplexed.at(-1))}` : "not measured",
     met: idleMax ? idleMax.perStreamKiB <= 20 && idleMax.failed === 0 : null,
   });
   const dedicated = results.idle?.dedicated;
   targets.push({
     target: "Idle connection ≤ 20 KiB (one HTTP/2 connection per stream)",
-    measured: dedicated ? `${dedicated.perStreamKiB} KiB RSS per connection at ${dedicated.streams} connections` : "not measured",
+    measured: dedicated ? `${dedicated.perStreamKiB} KiB RSS per connection at ${dedicated.streams} connections (heap ${dedicated.perStreamHeapKiB} KiB)${floorText(results.idle?.floor?.dedicated)}` : "not measured",
     met: dedicated ? dedicated.perStreamKiB <= 20 && dedicated.failed === 0 : null,
   });
   const hubMax = results.idle?.hub?.at(-1);
@@ -241,16 +241,21 @@ export function markdown(results: Results): string {
     const s = results.idle;
     out.push("## (d) Memory per idle Subscribe stream", "");
     out.push("Users are in chats of 10 (each stream listens to its user subject and one chat subject). Baseline after a warm-up (200 streams opened and closed); each measurement forces a full GC through the inspector, then takes the median RSS of 5 samples; V8 heap = live heap after that GC. Measured again 5 s after the streams are ready.", "");
-    out.push("| streams | HTTP/2 connections | ready / failed | server RSS base → with streams MiB | RSS per stream KiB | V8 heap per stream KiB | marginal RSS / heap per added stream KiB | server CPU % while idle |", "|---:|---:|---|---|---:|---:|---|---:|");
-    for (const m of [...(s.dedicated ? [s.dedicated] : []), ...s.multiplexed]) {
-      out.push(`| ${m.streams.toLocaleString("en-US")} | ${m.connections.toLocaleString("en-US")} | ${m.ready} / ${m.failed} | ${fmt(m.baseRssMiB)} → ${fmt(m.rssMiB)} | ${fmt(m.perStreamKiB, 2)} | ${fmt(m.perStreamHeapKiB, 2)} | ${m.marginalKiB === null ? "–" : `${fmt(m.marginalKiB, 2)} / ${fmt(m.marginalHeapKiB, 2)}`} | ${fmt(m.serverCpuPercentIdle)} |`);
+    const streamRows = (streams: IdleStreams) => {
+      out.push("| streams | HTTP/2 connections | ready / failed | server RSS base → with streams MiB | RSS per stream KiB | V8 heap per stream KiB | marginal RSS / heap per added stream KiB | server CPU % while idle |", "|---:|---:|---|---|---:|---:|---|---:|");
+      for (const m of [...(streams.dedicated ? [streams.dedicated] : []), ...streams.multiplexed]) {
+        out.push(`| ${m.streams.toLocaleString("en-US")} | ${m.connections.toLocaleString("en-US")} | ${m.ready} / ${m.failed} | ${idleCells(m)} |`);
+      }
+    };
+    streamRows(s);
+    if (s.floor) {
+      out.push("", "The floor: the same clients and streams held by `bench/idle-floor-server.ts`, Node's HTTP/2 server with Parley's listener and settings, through the compatibility API Connect uses, answering each Subscribe with headers and Ready and nothing else (no Connect, no services, no bus):", "");
+      streamRows(s.floor);
     }
     if (s.hub?.length) {
       out.push("", "SignalR hub connections (`/hubs/chat`, JSON protocol, one WebSocket each, no negotiate; clients ping every 10 s), measured the same way on a fresh server:", "");
       out.push("| hub connections | ready / failed | server RSS base → with connections MiB | RSS per connection KiB | V8 heap per connection KiB | marginal RSS / heap per added connection KiB | server CPU % while idle |", "|---:|---|---|---:|---:|---|---:|");
-      for (const m of s.hub) {
-        out.push(`| ${m.streams.toLocaleString("en-US")} | ${m.ready} / ${m.failed} | ${fmt(m.baseRssMiB)} → ${fmt(m.rssMiB)} | ${fmt(m.perStreamKiB, 2)} | ${fmt(m.perStreamHeapKiB, 2)} | ${m.marginalKiB === null ? "–" : `${fmt(m.marginalKiB, 2)} / ${fmt(m.marginalHeapKiB, 2)}`} | ${fmt(m.serverCpuPercentIdle)} |`);
-      }
+      for (const m of s.hub) out.push(`| ${m.streams.toLocaleString("en-US")} | ${m.ready} / ${m.failed} | ${idleCells(m)} |`);
     }
     if (s.heap && "rows" in s.heap) {
       out.push("", `Heap snapshots before and after opening ${s.heap.streams} streams (separate server): ${fmt(s.heap.totalBytesPerStream / 1024, 2)} KiB of live objects per stream, largest contributors:`, "");
@@ -306,4 +311,14 @@ export function markdown(results: Results): string {
     out.push("");
   }
   return out.join("\n");
+}
+
+/** The cells of an idle measurement after its count columns. */
+function idleCells(m: IdleMeasure): string {
+  const marginal = m.marginalKiB === null ? "–" : `${fmt(m.marginalKiB, 2)} / ${fmt(m.marginalHeapKiB, 2)}`;
+  return `${fmt(m.baseRssMiB)} → ${fmt(m.rssMiB)} | ${fmt(m.perStreamKiB, 2)} | ${fmt(m.perStreamHeapKiB, 2)} | ${marginal} | ${fmt(m.serverCpuPercentIdle)}`;
+}
+
+function floorText(floor: IdleMeasure | undefined): string {
+  return floor ? `; node:http2 alone: ${floor.perStreamKiB} KiB (heap ${floor.perStreamHeapKiB} KiB)` : "";
 }

@@ -577,14 +577,23 @@ export interface IdleMeasure {
   serverCpuPercentIdle: number | null;
 }
 
-export interface IdleScenario {
+export interface IdleStreams {
+  /** One HTTP/2 connection per stream. */
   dedicated?: IdleMeasure;
+  /** Many streams on few HTTP/2 connections, growing. */
   multiplexed: IdleMeasure[];
+}
+
+export interface IdleScenario extends IdleStreams {
+  /** The same streams held by bench/idle-floor-server.ts: node:http2 alone, what no Subscribe stream can go below. */
+  floor?: IdleStreams;
   /** SignalR hub connections (one WebSocket each), growing like the multiplexed streams. */
   hub?: IdleMeasure[];
   /** Heap snapshots before and after opening streams on a third server: what the live heap per stream is made of. */
   heap?: { streams: number; totalBytesPerStream: number; rows: HeapDiffRow[] } | { error: string };
 }
+
+const FLOOR_SERVER = "bench/idle-floor-server.ts";
 
 export async function idleScenario(ctx: Context): Promise<IdleScenario> {
   const tenant = `bench-d-${hex()}`;
@@ -622,45 +631,57 @@ export async function idleScenario(ctx: Context): Promise<IdleScenario> {
     await sleep(ctx.plan.quick ? 1000 : 3000);
   };
 
-  // One HTTP/2 connection per stream (what a fleet of phones looks like), on a fresh server.
-  await ctx.startServer("d-dedicated", true);
+  /** One HTTP/2 connection per stream (what a fleet of phones looks like), then many streams multiplexed on few connections, growing 1,000 → 10,000, each on a fresh server (Parley, or the stand-in script). */
+  const idleStreams = async (script?: string): Promise<IdleStreams> => {
+    const out: IdleStreams = { multiplexed: [] };
+    const suffix = script ? "-floor" : "";
+    await ctx.startServer(`d-dedicated${suffix}`, true, script);
+    try {
+      await warmUp();
+      const base = await ctx.serverMemory();
+      const n = ctx.plan.dedicatedConnections;
+      const sub = await subscribeAll(ctx, tenant, users.slice(0, n), { dedicated: true, reopen: false });
+      out.dedicated = await measure(`${n} streams, one connection each${script ? ", node:http2 floor" : ""}`, base, n, n, sub.ready, sub.failed);
+    } finally {
+      await closeAll(ctx).catch((e) => ctx.log(`  cleanup: ${e}`));
+      const report = await ctx.stopServer();
+      if (report) lastServerReport.set(`d-dedicated${suffix}`, report);
+    }
+
+    await ctx.startServer(`d-multiplexed${suffix}`, true, script);
+    try {
+      await warmUp();
+      const base = await ctx.serverMemory();
+      let open = 0;
+      let connections = 0;
+      let ready = 0;
+      let failed = 0;
+      for (const target of ctx.plan.idleStreams) {
+        const add = users.slice(open, target);
+        const perWorker = Math.max(1, Math.ceil(add.length / ctx.receivers.length / 250));
+        const sub = await subscribeAll(ctx, tenant, add, { connectionsPerWorker: perWorker, reopen: false });
+        open = target;
+        connections += perWorker * ctx.receivers.length;
+        ready += sub.ready;
+        failed += sub.failed;
+        out.multiplexed.push(await measure(`${target} streams multiplexed${script ? ", node:http2 floor" : ""}`, base, target, connections, ready, failed, out.multiplexed.at(-1)));
+      }
+    } finally {
+      await closeAll(ctx).catch((e) => ctx.log(`  cleanup: ${e}`));
+      const report = await ctx.stopServer();
+      if (report) lastServerReport.set(`d-multiplexed${suffix}`, report);
+    }
+    return out;
+  };
+
+  await ctx.startServer("d-chats");
   try {
     await createChats(ctx, tenant, groups, "idle");
-    await warmUp();
-    const base = await ctx.serverMemory();
-    const n = ctx.plan.dedicatedConnections;
-    const sub = await subscribeAll(ctx, tenant, users.slice(0, n), { dedicated: true, reopen: false });
-    result.dedicated = await measure(`${n} streams, one connection each`, base, n, n, sub.ready, sub.failed);
   } finally {
-    await closeAll(ctx).catch((e) => ctx.log(`  cleanup: ${e}`));
-    const report = await ctx.stopServer();
-    if (report) lastServerReport.set("d-dedicated", report);
+    await ctx.stopServer();
   }
-
-  // Many streams multiplexed on few connections, growing 1,000 → 10,000, on another fresh server.
-  await ctx.startServer("d-multiplexed", true);
-  try {
-    await warmUp();
-    const base = await ctx.serverMemory();
-    let open = 0;
-    let connections = 0;
-    let ready = 0;
-    let failed = 0;
-    for (const target of ctx.plan.idleStreams) {
-      const add = users.slice(open, target);
-      const perWorker = Math.max(1, Math.ceil(add.length / ctx.receivers.length / 250));
-      const sub = await subscribeAll(ctx, tenant, add, { connectionsPerWorker: perWorker, reopen: false });
-      open = target;
-      connections += perWorker * ctx.receivers.length;
-      ready += sub.ready;
-      failed += sub.failed;
-      result.multiplexed.push(await measure(`${target} streams multiplexed`, base, target, connections, ready, failed, result.multiplexed.at(-1)));
-    }
-  } finally {
-    await closeAll(ctx).catch((e) => ctx.log(`  cleanup: ${e}`));
-    const report = await ctx.stopServer();
-    if (report) lastServerReport.set("d-multiplexed", report);
-  }
+  Object.assign(result, await idleStreams());
+  result.floor = await idleStreams(FLOOR_SERVER);
 
   // Hub connections: one WebSocket each, on another fresh server.
   const openHubs = (add: string[]) => subscribeAll(ctx, tenant, add, { via: "hub" });

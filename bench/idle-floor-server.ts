@@ -1,27 +1,48 @@
 /**
- * The floor under an idle Subscribe stream's memory: Node's HTTP/2 server, behind the same one-port
- * listener and with the same settings as Parley, reached through the compatibility API that Connect
- * needs. It answers every Subscribe with response headers and one Ready notification and then holds
- * the stream open: no RPC framework, no service, no bus. Scenario (d) starts it in Parley's place
- * (same environment, /readyz, the inspector) and measures it the same way.
+ * Floors under an idle Subscribe stream's memory, started by scenario (d) in Parley's place (same
+ * environment, /readyz, the inspector) and measured the same way. Both use Node's HTTP/2 server behind
+ * Parley's one-port listener with Parley's settings, through the compatibility API, and answer every
+ * Subscribe with one Ready notification, then hold the stream open:
+ * - IDLE_FLOOR=http2 (default): writes headers and Ready itself, no RPC framework;
+ * - IDLE_FLOOR=connect: a Connect router with only Subscribe, reached the way Parley reaches its own
+ *   (universal request and response from Node's), no interceptors, no services, no bus.
  */
 import http from "node:http";
 import http2 from "node:http2";
 import { create, toBinary } from "@bufbuild/protobuf";
-import { NotificationSchema } from "../gen/parley/v1/notification_pb.js";
+import { createConnectRouter } from "@connectrpc/connect";
+import { universalRequestFromNodeRequest, universalResponseToNodeResponse } from "@connectrpc/connect-node";
+import { NotificationSchema, NotificationService } from "../gen/parley/v1/notification_pb.js";
 import { createOnePortServer } from "../src/transport/one-port.js";
 
 const SUBSCRIBE_PATH = "/parley.v1.NotificationService/Subscribe";
 const MAX_HEADER_BYTES = 256 * 1024;
+const mode = process.env.IDLE_FLOOR ?? "http2";
+if (mode !== "http2" && mode !== "connect") throw new Error(`IDLE_FLOOR must be http2 or connect, not ${mode}`);
 
-const readyBytes = toBinary(NotificationSchema, create(NotificationSchema, { event: { case: "ready", value: {} } }));
+const ready = create(NotificationSchema, { event: { case: "ready", value: {} } });
+const readyBytes = toBinary(NotificationSchema, ready);
 const readyEnvelope = new Uint8Array(5 + readyBytes.length);
 new DataView(readyEnvelope.buffer).setUint32(1, readyBytes.length);
 readyEnvelope.set(readyBytes, 5);
 
+const router = createConnectRouter().service(NotificationService, {
+  async *subscribe(_request, context) {
+    yield ready;
+    await new Promise((resolve) => context.signal.addEventListener("abort", resolve, { once: true }));
+  },
+});
+const subscribe = router.handlers.find((handler) => handler.requestPath === SUBSCRIBE_PATH)!;
+
 const handle = (req: http.IncomingMessage | http2.Http2ServerRequest, res: http.ServerResponse | http2.Http2ServerResponse) => {
   const path = req.url ?? "";
   if (path === SUBSCRIBE_PATH && req.httpVersion === "2.0") {
+    if (mode === "connect") {
+      subscribe(universalRequestFromNodeRequest(req, res, undefined, undefined))
+        .then((response) => universalResponseToNodeResponse(response, res))
+        .catch(() => {});
+      return;
+    }
     req.resume(); // the request body (one small message) is read and dropped
     res.writeHead(200, { "content-type": "application/grpc" });
     (res as http.ServerResponse).write(readyEnvelope);

@@ -122,7 +122,8 @@ export class Context {
     return postgres(this.databaseUrl, { max, onnotice: () => {}, connect_timeout: 10, types: { bigint: postgres.BigInt } });
   }
 
-  async startServer(label: string, inspect = false, script?: string): Promise<ParleyProcess> {
+  /** Starts Parley, or a stand-in script (a floor for comparison) run the same way with extra environment. */
+  async startServer(label: string, inspect = false, standIn?: StandIn): Promise<ParleyProcess> {
     if (this.server) await this.stopServer();
     this.serverCount++;
     this.server = await startParley({
@@ -134,9 +135,10 @@ export class Context {
       logFile: path.join(this.tmpDir, `server-${this.serverCount}-${label}.log`),
       profileDir: this.profileDir ? path.join(this.profileDir, `${this.serverCount}-${label}`) : undefined,
       inspect,
-      script,
+      script: standIn?.script,
+      env: standIn?.env,
     });
-    this.log(`${script ?? "parley"} started for ${label}: pid ${this.server.pid}, ${this.server.url}`);
+    this.log(`${standIn ? `${standIn.script} (${JSON.stringify(standIn.env ?? {})})` : "parley"} started for ${label}: pid ${this.server.pid}, ${this.server.url}`);
     return this.server;
   }
 
@@ -279,6 +281,12 @@ export class Context {
     }
     return { rssBytes: values[Math.floor(values.length / 2)]!, heapUsedBytes };
   }
+}
+
+export interface StandIn {
+  /** Entry point relative to the server root. */
+  script: string;
+  env?: Record<string, string>;
 }
 
 export interface ServerReport {

@@ -75,13 +75,13 @@ export function judge(results: Results): Target[] {
   const idleMax = results.idle?.multiplexed.at(-1);
   targets.push({
     target: "Idle Subscribe stream ≤ 20 KiB server memory (multiplexed, largest count)",
-    measured: idleMax ? `${idleMax.perStreamKiB} KiB RSS per stream at ${idleMax.streams} streams (heap ${idleMax.perStreamHeapKiB} KiB)${floorText(results.idle?.floor?.multiplexed.at(-1))}` : "not measured",
+    measured: idleMax ? `${idleMax.perStreamKiB} KiB RSS per stream at ${idleMax.streams} streams (heap ${idleMax.perStreamHeapKiB} KiB)${floorText(results.idle, (f) => f.multiplexed.at(-1))}` : "not measured",
     met: idleMax ? idleMax.perStreamKiB <= 20 && idleMax.failed === 0 : null,
   });
   const dedicated = results.idle?.dedicated;
   targets.push({
     target: "Idle connection ≤ 20 KiB (one HTTP/2 connection per stream)",
-    measured: dedicated ? `${dedicated.perStreamKiB} KiB RSS per connection at ${dedicated.streams} connections (heap ${dedicated.perStreamHeapKiB} KiB)${floorText(results.idle?.floor?.dedicated)}` : "not measured",
+    measured: dedicated ? `${dedicated.perStreamKiB} KiB RSS per connection at ${dedicated.streams} connections (heap ${dedicated.perStreamHeapKiB} KiB)${floorText(results.idle, (f) => f.dedicated)}` : "not measured",
     met: dedicated ? dedicated.perStreamKiB <= 20 && dedicated.failed === 0 : null,
   });
   const hubMax = results.idle?.hub?.at(-1);
@@ -249,8 +249,12 @@ export function markdown(results: Results): string {
     };
     streamRows(s);
     if (s.floor) {
-      out.push("", "The floor: the same clients and streams held by `bench/idle-floor-server.ts`, Node's HTTP/2 server with Parley's listener and settings, through the compatibility API Connect uses, answering each Subscribe with headers and Ready and nothing else (no Connect, no services, no bus):", "");
+      out.push("", "Floor 1, Node's HTTP/2 alone: the same clients and streams held by `bench/idle-floor-server.ts` (`IDLE_FLOOR=http2`), Node's HTTP/2 server with Parley's listener and settings, through the compatibility API Connect uses, answering each Subscribe with headers and Ready and nothing else (no Connect, no services, no bus):", "");
       streamRows(s.floor);
+    }
+    if (s.connectFloor) {
+      out.push("", "Floor 2, Connect alone (`IDLE_FLOOR=connect`): the same, with a Connect router holding only a Subscribe that yields Ready and waits, reached as Parley reaches its own (no interceptors, no services, no bus):", "");
+      streamRows(s.connectFloor);
     }
     if (s.hub?.length) {
       out.push("", "SignalR hub connections (`/hubs/chat`, JSON protocol, one WebSocket each, no negotiate; clients ping every 10 s), measured the same way on a fresh server:", "");
@@ -319,6 +323,11 @@ function idleCells(m: IdleMeasure): string {
   return `${fmt(m.baseRssMiB)} → ${fmt(m.rssMiB)} | ${fmt(m.perStreamKiB, 2)} | ${fmt(m.perStreamHeapKiB, 2)} | ${marginal} | ${fmt(m.serverCpuPercentIdle)}`;
 }
 
-function floorText(floor: IdleMeasure | undefined): string {
-  return floor ? `; node:http2 alone: ${floor.perStreamKiB} KiB (heap ${floor.perStreamHeapKiB} KiB)` : "";
+/** The floors' figure for the same measurement, for the targets table. */
+function floorText(idle: IdleScenario | undefined, pick: (floor: IdleStreams) => IdleMeasure | undefined): string {
+  const floors: [string, IdleStreams | undefined][] = [["node:http2 alone", idle?.floor], ["Connect alone", idle?.connectFloor]];
+  return floors.map(([name, floor]) => {
+    const m = floor && pick(floor);
+    return m ? `; ${name}: ${m.perStreamKiB} KiB (heap ${m.perStreamHeapKiB} KiB)` : "";
+  }).join("");
 }

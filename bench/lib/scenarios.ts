@@ -2,7 +2,7 @@ import crypto from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import { Histogram, type HistogramData, type LatencySummary } from "./hist.js";
-import { Context, round, sleep, summary, type ServerReport } from "./context.js";
+import { Context, round, sleep, summary, type ServerReport, type StandIn } from "./context.js";
 import type { WindowUsage } from "./proc-stats.js";
 import { parseMetrics } from "./parley-server.js";
 import { WorkerHandle } from "./worker-handle.js";
@@ -585,15 +585,18 @@ export interface IdleStreams {
 }
 
 export interface IdleScenario extends IdleStreams {
-  /** The same streams held by bench/idle-floor-server.ts: node:http2 alone, what no Subscribe stream can go below. */
+  /** The same streams held by bench/idle-floor-server.ts with node:http2 alone: what no Subscribe stream can go below. */
   floor?: IdleStreams;
+  /** The same with a bare Connect router in front: what any Subscribe stream served through Connect costs. */
+  connectFloor?: IdleStreams;
   /** SignalR hub connections (one WebSocket each), growing like the multiplexed streams. */
   hub?: IdleMeasure[];
   /** Heap snapshots before and after opening streams on a third server: what the live heap per stream is made of. */
   heap?: { streams: number; totalBytesPerStream: number; rows: HeapDiffRow[] } | { error: string };
 }
 
-const FLOOR_SERVER = "bench/idle-floor-server.ts";
+const HTTP2_FLOOR: StandIn = { script: "bench/idle-floor-server.ts", env: { IDLE_FLOOR: "http2" } };
+const CONNECT_FLOOR: StandIn = { script: "bench/idle-floor-server.ts", env: { IDLE_FLOOR: "connect" } };
 
 export async function idleScenario(ctx: Context): Promise<IdleScenario> {
   const tenant = `bench-d-${hex()}`;
@@ -631,24 +634,24 @@ export async function idleScenario(ctx: Context): Promise<IdleScenario> {
     await sleep(ctx.plan.quick ? 1000 : 3000);
   };
 
-  /** One HTTP/2 connection per stream (what a fleet of phones looks like), then many streams multiplexed on few connections, growing 1,000 → 10,000, each on a fresh server (Parley, or the stand-in script). */
-  const idleStreams = async (script?: string): Promise<IdleStreams> => {
+  /** One HTTP/2 connection per stream (what a fleet of phones looks like), then many streams multiplexed on few connections, growing 1,000 → 10,000, each on a fresh server (Parley, or a stand-in). */
+  const idleStreams = async (standIn?: StandIn, name = ""): Promise<IdleStreams> => {
     const out: IdleStreams = { multiplexed: [] };
-    const suffix = script ? "-floor" : "";
-    await ctx.startServer(`d-dedicated${suffix}`, true, script);
+    const suffix = standIn ? `-floor-${standIn.env?.IDLE_FLOOR}` : "";
+    await ctx.startServer(`d-dedicated${suffix}`, true, standIn);
     try {
       await warmUp();
       const base = await ctx.serverMemory();
       const n = ctx.plan.dedicatedConnections;
       const sub = await subscribeAll(ctx, tenant, users.slice(0, n), { dedicated: true, reopen: false });
-      out.dedicated = await measure(`${n} streams, one connection each${script ? ", node:http2 floor" : ""}`, base, n, n, sub.ready, sub.failed);
+      out.dedicated = await measure(`${n} streams, one connection each${name}`, base, n, n, sub.ready, sub.failed);
     } finally {
       await closeAll(ctx).catch((e) => ctx.log(`  cleanup: ${e}`));
       const report = await ctx.stopServer();
       if (report) lastServerReport.set(`d-dedicated${suffix}`, report);
     }
 
-    await ctx.startServer(`d-multiplexed${suffix}`, true, script);
+    await ctx.startServer(`d-multiplexed${suffix}`, true, standIn);
     try {
       await warmUp();
       const base = await ctx.serverMemory();
@@ -664,7 +667,7 @@ export async function idleScenario(ctx: Context): Promise<IdleScenario> {
         connections += perWorker * ctx.receivers.length;
         ready += sub.ready;
         failed += sub.failed;
-        out.multiplexed.push(await measure(`${target} streams multiplexed${script ? ", node:http2 floor" : ""}`, base, target, connections, ready, failed, out.multiplexed.at(-1)));
+        out.multiplexed.push(await measure(`${target} streams multiplexed${name}`, base, target, connections, ready, failed, out.multiplexed.at(-1)));
       }
     } finally {
       await closeAll(ctx).catch((e) => ctx.log(`  cleanup: ${e}`));
@@ -681,7 +684,8 @@ export async function idleScenario(ctx: Context): Promise<IdleScenario> {
     await ctx.stopServer();
   }
   Object.assign(result, await idleStreams());
-  result.floor = await idleStreams(FLOOR_SERVER);
+  result.floor = await idleStreams(HTTP2_FLOOR, ", node:http2 floor");
+  result.connectFloor = await idleStreams(CONNECT_FLOOR, ", Connect floor");
 
   // Hub connections: one WebSocket each, on another fresh server.
   const openHubs = (add: string[]) => subscribeAll(ctx, tenant, add, { via: "hub" });

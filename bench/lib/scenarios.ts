@@ -635,7 +635,7 @@ export async function idleScenario(ctx: Context): Promise<IdleScenario> {
   };
 
   /** One HTTP/2 connection per stream (what a fleet of phones looks like), then many streams multiplexed on few connections, growing 1,000 → 10,000, each on a fresh server (Parley, or a stand-in). */
-  const idleStreams = async (standIn?: StandIn, name = ""): Promise<IdleStreams> => {
+  const idleStreams = async (standIn?: StandIn, labelSuffix = ""): Promise<IdleStreams> => {
     const out: IdleStreams = { multiplexed: [] };
     const suffix = standIn ? `-floor-${standIn.env?.IDLE_FLOOR}` : "";
     await ctx.startServer(`d-dedicated${suffix}`, true, standIn);
@@ -644,7 +644,7 @@ export async function idleScenario(ctx: Context): Promise<IdleScenario> {
       const base = await ctx.serverMemory();
       const n = ctx.plan.dedicatedConnections;
       const sub = await subscribeAll(ctx, tenant, users.slice(0, n), { dedicated: true, reopen: false });
-      out.dedicated = await measure(`${n} streams, one connection each${name}`, base, n, n, sub.ready, sub.failed);
+      out.dedicated = await measure(`${n} streams, one connection each${labelSuffix}`, base, n, n, sub.ready, sub.failed);
     } finally {
       await closeAll(ctx).catch((e) => ctx.log(`  cleanup: ${e}`));
       const report = await ctx.stopServer();
@@ -667,7 +667,7 @@ export async function idleScenario(ctx: Context): Promise<IdleScenario> {
         connections += perWorker * ctx.receivers.length;
         ready += sub.ready;
         failed += sub.failed;
-        out.multiplexed.push(await measure(`${target} streams multiplexed${name}`, base, target, connections, ready, failed, out.multiplexed.at(-1)));
+        out.multiplexed.push(await measure(`${target} streams multiplexed${labelSuffix}`, base, target, connections, ready, failed, out.multiplexed.at(-1)));
       }
     } finally {
       await closeAll(ctx).catch((e) => ctx.log(`  cleanup: ${e}`));

@@ -1,22 +1,21 @@
 /**
  * Floors under an idle Subscribe stream's memory, started by scenario (d) in Parley's place (same
- * environment, /readyz, the inspector) and measured the same way. Both use Node's HTTP/2 server behind
- * Parley's one-port listener with Parley's settings, through the compatibility API, and answer every
- * Subscribe with one Ready notification, then hold the stream open:
+ * environment, /readyz, the inspector) and measured the same way. Both use Parley's own HTTP servers
+ * (createHttpServers: its one-port listener and limits), through HTTP/2's compatibility API, and
+ * answer every Subscribe with one Ready notification, then hold the stream open:
  * - IDLE_FLOOR=http2 (default): writes headers and Ready itself, no RPC framework;
  * - IDLE_FLOOR=connect: a Connect router with only Subscribe, reached the way Parley reaches its own
  *   (universal request and response from Node's), no interceptors, no services, no bus.
  */
-import http from "node:http";
-import http2 from "node:http2";
+import type http from "node:http";
+import type http2 from "node:http2";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { createConnectRouter } from "@connectrpc/connect";
 import { universalRequestFromNodeRequest, universalResponseToNodeResponse } from "@connectrpc/connect-node";
 import { NotificationSchema, NotificationService } from "../gen/parley/v1/notification_pb.js";
-import { createOnePortServer } from "../src/transport/one-port.js";
+import { createHttpServers } from "../src/transport/one-port.js";
 
 const SUBSCRIBE_PATH = "/parley.v1.NotificationService/Subscribe";
-const MAX_HEADER_BYTES = 256 * 1024;
 const mode = process.env.IDLE_FLOOR ?? "http2";
 if (mode !== "http2" && mode !== "connect") throw new Error(`IDLE_FLOOR must be http2 or connect, not ${mode}`);
 
@@ -52,9 +51,7 @@ const handle = (req: http.IncomingMessage | http2.Http2ServerRequest, res: http.
   res.end();
 };
 
-const http1 = http.createServer({ keepAliveTimeout: 65_000, maxHeaderSize: MAX_HEADER_BYTES }, handle);
-const h2c = http2.createServer({ maxSessionMemory: 64, settings: { maxHeaderListSize: MAX_HEADER_BYTES } }, handle);
-const server = createOnePortServer(http1, h2c);
+const { server } = createHttpServers(handle);
 server.listen(Number(process.env.PARLEY_PORT), process.env.PARLEY_HOST ?? "127.0.0.1");
 
 // Nothing to drain or flush: the streams carry no data.

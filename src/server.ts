@@ -39,11 +39,10 @@ import { rejectUndecodableBody, rejectUndecodableStreamMessages, withBodyCheck }
 import { rpcCors } from "./transport/cors.js";
 import { assignRequestId, authenticate, failFast, mapErrors, observe } from "./transport/interceptors.js";
 import { nodeResponseKey } from "./transport/stream-output.js";
-import { createOnePortServer } from "./transport/one-port.js";
+import { createHttpServers } from "./transport/one-port.js";
 
 /** How often a quiet WatchMessages stream re-checks storage and membership. */
 const WATCH_RESYNC_MS = 15_000;
-const MAX_HEADER_BYTES = 256 * 1024;
 /** After shutdown began, how long a stream may take to end before it is cut off at the transport. */
 const STALLED_STREAM_GRACE_MS = 1000;
 
@@ -172,11 +171,8 @@ export async function startServer(config: Config, log: Logger = createLogger(con
     send(res, 404, "text/plain", "not found\n");
   };
 
-  // Header limits well above the 8 KiB token limit, so an oversized token gets a clean UNAUTHENTICATED.
-  const http1 = http.createServer({ keepAliveTimeout: 65_000, maxHeaderSize: MAX_HEADER_BYTES }, handle);
-  const h2c = http2.createServer({ maxSessionMemory: 64, settings: { maxHeaderListSize: MAX_HEADER_BYTES } }, handle);
+  const { http1, h2c, server } = createHttpServers(handle);
   const hub = createHub({ http1, verifier, services, config, log, metrics, secret: hubSecret });
-  const server = createOnePortServer(http1, h2c);
   const sessions = new Set<http2.ServerHttp2Session>();
   h2c.on("session", (session: http2.ServerHttp2Session) => {
     sessions.add(session);

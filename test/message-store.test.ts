@@ -1,33 +1,13 @@
 // MessageStore on its own, against the test database: what a send statement does when PostgreSQL
 // cancels it for a reason that is not the caller's, and what happens to a send abandoned in the queue.
-import fs from "node:fs/promises";
-import os from "node:os";
-import path from "node:path";
 import { test } from "uvu";
 import * as assert from "uvu/assert";
-import { loadConfig } from "../src/config.js";
-import { createLogger } from "../src/observability/logger.js";
-import { openDatabase, type Cancellable, type Database } from "../src/store/database.js";
+import type { Cancellable, Database } from "../src/store/database.js";
 import { MessageStore } from "../src/store/message-store.js";
-import { createTestDatabase, testDatabaseUrl, uniqueTenant } from "./support/server.js";
+import { uniqueTenant, useStoreTestDatabase } from "./support/server.js";
 
 let db: Database;
-let cleanup: () => Promise<void>;
-
-test.before(async () => {
-  const dataDir = await fs.mkdtemp(path.join(os.tmpdir(), "parley-store-"));
-  const database = testDatabaseUrl ? await createTestDatabase(testDatabaseUrl) : undefined;
-  const config = loadConfig({ PARLEY_DATA_DIR: dataDir, PARLEY_JWT_SECRET: "x".repeat(32), ...(database ? { DATABASE_URL: database.url } : {}) });
-  db = await openDatabase(config, createLogger("silent"));
-  cleanup = async () => {
-    await db.close();
-    await database?.drop();
-    await fs.rm(dataDir, { recursive: true, force: true });
-  };
-});
-test.after(async () => {
-  await cleanup?.();
-});
+useStoreTestDatabase(test, (opened) => (db = opened));
 
 async function chatWithMember(tenant: string, user: string): Promise<string> {
   const id = crypto.randomUUID();

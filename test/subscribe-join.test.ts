@@ -16,7 +16,7 @@ import { ChatStore } from "../src/store/chat-store.js";
 import type { Database } from "../src/store/database.js";
 import { MemberStore } from "../src/store/member-store.js";
 import { MessageStore } from "../src/store/message-store.js";
-import { openStoreTestDatabase } from "./support/server.js";
+import { useStoreTestDatabase } from "./support/server.js";
 
 /**
  * Like NATS, where a SUB takes effect only when the server has read it: while held, new subscriptions
@@ -46,12 +46,7 @@ class LateBus extends MemoryBus {
 
 const log = createLogger("silent");
 let db: Database;
-let closeDatabase: () => Promise<void>;
-
-test.before(async () => {
-  ({ db, close: closeDatabase } = await openStoreTestDatabase());
-});
-test.after(() => closeDatabase());
+useStoreTestDatabase(test, (opened) => (db = opened));
 
 function setUp() {
   const bus = new LateBus();

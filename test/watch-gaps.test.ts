@@ -18,7 +18,7 @@ import { ChatStore } from "../src/store/chat-store.js";
 import type { Database } from "../src/store/database.js";
 import { MemberStore } from "../src/store/member-store.js";
 import { MessageStore } from "../src/store/message-store.js";
-import { openStoreTestDatabase } from "./support/server.js";
+import { useStoreTestDatabase } from "./support/server.js";
 
 /** Delivers only the publishes that `keep` accepts, like a bus that loses messages. */
 class LossyBus extends MemoryBus {
@@ -33,12 +33,7 @@ class LossyBus extends MemoryBus {
 
 const log = createLogger("silent");
 let db: Database;
-let closeDatabase: () => Promise<void>;
-
-test.before(async () => {
-  ({ db, close: closeDatabase } = await openStoreTestDatabase());
-});
-test.after(() => closeDatabase());
+useStoreTestDatabase(test, (opened) => (db = opened));
 
 function messagesService(bus: Bus, queueLimit: number) {
   const metrics = new Metrics();

@@ -3,6 +3,17 @@ import http2 from "node:http2";
 import net from "node:net";
 
 const HTTP2_PREFACE = Buffer.from("PRI * HTTP/2.0\r\n");
+/** Header limits well above the 8 KiB token limit, so an oversized token gets a clean UNAUTHENTICATED. */
+const MAX_HEADER_BYTES = 256 * 1024;
+
+type Handler = (req: http.IncomingMessage | http2.Http2ServerRequest, res: http.ServerResponse | http2.Http2ServerResponse) => void;
+
+/** Parley's HTTP/1.1 and h2c servers with its limits, both behind one port (see createOnePortServer). */
+export function createHttpServers(handle: Handler): { http1: http.Server; h2c: http2.Http2Server; server: net.Server } {
+  const http1 = http.createServer({ keepAliveTimeout: 65_000, maxHeaderSize: MAX_HEADER_BYTES }, handle);
+  const h2c = http2.createServer({ maxSessionMemory: 64, settings: { maxHeaderListSize: MAX_HEADER_BYTES } }, handle);
+  return { http1, h2c, server: createOnePortServer(http1, h2c) };
+}
 
 /**
  * One plain TCP port for HTTP/1.1 and HTTP/2 cleartext. Node's HTTP/2 server does not fall back to

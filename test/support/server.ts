@@ -4,6 +4,7 @@ import os from "node:os";
 import path from "node:path";
 import postgres from "postgres";
 import { SignJWT } from "jose";
+import type { Test } from "uvu";
 import { loadConfig } from "../../src/config.js";
 import { createLogger } from "../../src/observability/logger.js";
 import { startServer, type ParleyServer } from "../../src/server.js";
@@ -41,7 +42,7 @@ export async function createTestDatabase(baseUrl: string): Promise<{ url: string
  * A migrated database for tests that use the stores directly: a fresh one on TEST_DATABASE_URL's server,
  * else PGlite in a temporary directory; close() removes it.
  */
-export async function openStoreTestDatabase(): Promise<{ db: Database; close: () => Promise<void> }> {
+async function openStoreTestDatabase(): Promise<{ db: Database; close: () => Promise<void> }> {
   const dataDir = await fs.mkdtemp(path.join(os.tmpdir(), "parley-store-"));
   const database = testDatabaseUrl ? await createTestDatabase(testDatabaseUrl) : undefined;
   const log = createLogger("silent");
@@ -54,6 +55,20 @@ export async function openStoreTestDatabase(): Promise<{ db: Database; close: ()
       await fs.rm(dataDir, { recursive: true, force: true });
     },
   };
+}
+
+/**
+ * For suites that use the stores directly: opens a store test database before the suite and removes it
+ * after, handing it to use() once open.
+ */
+export function useStoreTestDatabase(suite: Test, use: (db: Database) => void): void {
+  let close: (() => Promise<void>) | undefined;
+  suite.before(async () => {
+    const opened = await openStoreTestDatabase();
+    close = opened.close;
+    use(opened.db);
+  });
+  suite.after(() => close?.());
 }
 
 export interface TestServer {

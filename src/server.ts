@@ -158,8 +158,10 @@ export async function startServer(config: Config, log: Logger = createLogger(con
   };
 
   const handleHttp = async (path: string, req: http.IncomingMessage | http2.Http2ServerRequest, res: http.ServerResponse | http2.Http2ServerResponse) => {
-    if (req.method === "GET" && path === "/healthz") return send(res, 200, "text/plain", "ok\n");
-    if (req.method === "GET" && path === "/readyz") {
+    // Probes: GET, or HEAD as some load balancers send (Node sends no body for HEAD).
+    const probe = req.method === "GET" || req.method === "HEAD";
+    if (probe && path === "/healthz") return send(res, 200, "text/plain", "ok\n");
+    if (probe && path === "/readyz") {
       const ready = !shutdown.signal.aborted && (await isReady());
       return send(res, ready ? 200 : 503, "text/plain", ready ? "ready\n" : "not ready\n");
     }

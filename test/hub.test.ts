@@ -113,6 +113,33 @@ test("hub - MemberAdded, MemberRemoved and ReadUpdated", async () => {
   assert.equal(await bob.next("MemberRemoved", (e) => e.chatId === other!.id), { chatId: other!.id, userId: "bob", removedBy: "alice" });
 });
 
+test("hub - ReadUpdated goes to the user's other connections, not to the one that marked the chat read", async () => {
+  const tenant = uniqueTenant();
+  const phone = await connect(tenant, "bob", false);
+  const laptop = await connect(tenant, "bob");
+  const alice = await api(tenant, "alice");
+  const { chat } = await alice.chats.createChat({ name: "devices", memberIds: ["bob"] });
+  const chatId = chat!.id;
+  for (let i = 1; i <= 3; i++) await alice.messages.sendMessage({ chatId, text: `m${i}` });
+  await phone.next("MessageCreated", (e) => e.sequence === "3");
+  await laptop.next("MessageCreated", (e) => e.sequence === "3");
+
+  await phone.connection.invoke("MarkRead", chatId, 1);
+  assert.equal(await laptop.next("ReadUpdated"), { chatId, readSequence: "1" });
+  // The laptop marks up to where it already is: no news for the phone (it set that marker itself).
+  await laptop.connection.invoke("MarkRead", chatId, 1);
+  await laptop.connection.invoke("MarkRead", chatId, 2);
+  assert.equal(await phone.next("ReadUpdated"), { chatId, readSequence: "2" });
+  // A third device (a gRPC client) reaches both; events per user arrive in order, so by now any echo of
+  // a connection's own MarkRead would have arrived before this one.
+  await (await api(tenant, "bob")).chats.markRead({ chatId, sequence: 3n });
+  await phone.next("ReadUpdated", (e) => e.readSequence === "3");
+  await laptop.next("ReadUpdated", (e) => e.readSequence === "3");
+  const readUpdates = (hub: HubClient) => hub.events.filter((e) => e.target === "ReadUpdated").map((e) => e.arg.readSequence);
+  assert.equal(readUpdates(phone), ["2", "3"]);
+  assert.equal(readUpdates(laptop), ["1", "3"]);
+});
+
 test("hub - SendMessage and MarkRead return Message and Chat JSON", async () => {
   const tenant = uniqueTenant();
   const alice = await api(tenant, "alice");
@@ -337,7 +364,7 @@ test("hub - upgrades other than WebSocket (curl --http2 sends Upgrade: h2c) are 
   assert.match(received, /^HTTP\/1.1 200 OK[\s\S]*ok\n[\s\S]*HTTP\/1.1 200 OK[\s\S]*\{"status":"SERVING"\}/);
 });
 
-test("hub - negotiate: response, single-use connection tokens, 401 for a bad header token", async () => {
+test("hub - negotiate: response, single-use connection tokens, 401 for a missing or bad token", async () => {
   const tenant = uniqueTenant();
   const token = await tokenFor(tenant, "bob");
   const negotiate = async (headers: Record<string, string> = {}, query = "negotiateVersion=1") =>
@@ -364,14 +391,17 @@ test("hub - negotiate: response, single-use connection tokens, 401 for a bad hea
     }
   }
   // Negotiate version 0: the id to connect with is in connectionId.
-  const v0 = (await (await negotiate({}, "")).json()) as any;
+  const v0 = (await (await negotiate(headers, "")).json()) as any;
   assert.is(v0.connectionToken, undefined);
   const old = await RawHub.open(server.url, { path: `/hubs/chat?id=${v0.connectionId}`, headers });
   raws.push(old);
 
   assert.is((await negotiate({ authorization: "Bearer not-a-jwt" })).status, 401);
   assert.is((await negotiate({}, `negotiateVersion=1&access_token=bad`)).status, 401);
-  assert.is((await negotiate()).status, 200); // no token: the WebSocket is authenticated
+  const missing = await negotiate();
+  assert.is(missing.status, 401);
+  assert.match(await missing.text(), /Unauthorized: missing bearer token/);
+  assert.is((await negotiate({}, `negotiateVersion=1&access_token=${token}`)).status, 200);
   assert.is((await fetch(`${server.url}/hubs/chat/negotiate`)).status, 405);
 });
 
@@ -396,7 +426,10 @@ test("hub - CORS: preflight and negotiate for allowed origins only", async () =>
   assert.is(denied.status, 403);
   assert.is(denied.headers.get("access-control-allow-origin"), null);
 
-  const post = await fetch(`${server.url}/hubs/chat/negotiate?negotiateVersion=1`, { method: "POST", headers: { origin: ALLOWED_ORIGIN } });
+  const post = await fetch(`${server.url}/hubs/chat/negotiate?negotiateVersion=1`, {
+    method: "POST",
+    headers: { origin: ALLOWED_ORIGIN, authorization: `Bearer ${await tokenFor(uniqueTenant(), "bob")}` },
+  });
   assert.is(post.status, 200);
   assert.is(post.headers.get("access-control-allow-origin"), ALLOWED_ORIGIN);
   const unauthorized = await fetch(`${server.url}/hubs/chat/negotiate?negotiateVersion=1`, {

@@ -150,6 +150,17 @@ test("operations - probes need no token and are plain HTTP/1.1 GETs", async () =
   }
 });
 
+test("operations - HEAD /healthz and /readyz answer 200 without a body, over HTTP/1.1 and HTTP/2", async () => {
+  for (const p of ["/healthz", "/readyz"]) {
+    const one = await http1(server.url, "HEAD", p, {});
+    assert.is(one.status, 200, p);
+    assert.is(one.body.length, 0, p);
+    const two = await http2Request(server.url, { ":method": "HEAD", ":path": p }, Buffer.alloc(0));
+    assert.is(two.headers[":status"], 200, p);
+    assert.is(two.body.length, 0, p);
+  }
+});
+
 // ---------------------------------------------------------------------------------------------
 // Metrics
 

@@ -47,6 +47,13 @@ export class HubConnection {
   private queued = 0;
   private invocations: Promise<void> = Promise.resolve();
   private readonly subscription = new AbortController();
+  /**
+   * ReadUpdated goes to the user's other streams: per chat, the read marker this connection knows
+   * (from its own MarkRead or a ReadUpdated it forwarded); only a marker beyond it is news.
+   */
+  private readonly readMarkers = new Map<string, bigint>();
+  /** While this connection's own MarkRead runs, ReadUpdated events wait here for its result. */
+  private heldReadUpdates: Notification[] | undefined;
   private readonly idle: NodeJS.Timeout;
   private ping: NodeJS.Timeout | undefined;
   private readonly log: Logger;
@@ -163,6 +170,9 @@ export class HubConnection {
 
   private async invoke({ invocationId, target, arguments: args, streamIds }: Invocation, streaming: boolean): Promise<void> {
     let outcome: { result: unknown } | { error: string };
+    // Its own ReadUpdated may arrive before MarkRead returns (or after): hold them until the result is known.
+    const markingRead = target.toLowerCase() === "markread";
+    if (markingRead) this.heldReadUpdates ??= [];
     try {
       if (streaming) throw new ConnectError(`'${target}' is not a streaming method (the hub has none)`, Code.Unimplemented);
       if (streamIds?.length) throw new ConnectError("client-to-server streams are not supported", Code.Unimplemented);
@@ -172,6 +182,34 @@ export class HubConnection {
     }
     if (invocationId !== undefined) this.send(completionMessage(invocationId, outcome));
     else if ("error" in outcome) this.log.debug({ target, error: outcome.error }, "non-blocking hub invocation failed");
+    if (markingRead) this.releaseReadUpdates("result" in outcome ? (outcome.result as ChatJson) : undefined);
+  }
+
+  /** After this connection's MarkRead: its marker is known here, and held events pass if they are news. */
+  private releaseReadUpdates(chat: ChatJson | undefined): void {
+    if (chat) this.knowsReadMarker(chat.id, BigInt(chat.readSequence));
+    const held = this.heldReadUpdates ?? [];
+    this.heldReadUpdates = undefined;
+    for (const notification of held) void this.sendEvent(notification);
+  }
+
+  /** Records the marker; false when this connection knew it (or a later one) already. */
+  private knowsReadMarker(chatId: string, readSequence: bigint): boolean {
+    if (readSequence <= (this.readMarkers.get(chatId) ?? -1n)) return true;
+    this.readMarkers.set(chatId, readSequence);
+    return false;
+  }
+
+  /** Whether to forward a notification, by the read-marker rule above (true for every other event). */
+  private isNews(notification: Notification): boolean {
+    const event = notification.event;
+    if (event.case === "memberRemoved" && event.value.userId === this.caller?.userId) this.readMarkers.delete(event.value.chatId);
+    if (event.case !== "readUpdated") return true;
+    if (this.heldReadUpdates) {
+      this.heldReadUpdates.push(notification);
+      return false;
+    }
+    return !this.knowsReadMarker(event.value.chatId, event.value.readSequence);
   }
 
   /** Forwards the caller's notifications; a failed stream ends the connection with its error. */
@@ -228,13 +266,13 @@ export class HubConnection {
   }
 
   /**
-   * Sends an event (heartbeats are not forwarded): true when the socket can take more at once, else a
+   * Sends an event (not heartbeats, nor a ReadUpdated that is no news here): true when the socket can take more at once, else a
    * promise that resolves when this event has been written (or the socket closed), so a slow client
    * that has fallen behind holds back its own stream and nothing else.
    */
   private sendEvent(notification: Notification): true | Promise<void> {
     const text = eventInvocation(notification);
-    if (text === undefined || this.ws.readyState !== WebSocket.OPEN || this.ending) return true;
+    if (text === undefined || this.ws.readyState !== WebSocket.OPEN || this.ending || !this.isNews(notification)) return true;
     if (this.ws.bufferedAmount < HIGH_WATER_BYTES) {
       this.ws.send(text);
       return true;
@@ -252,6 +290,12 @@ export class HubConnection {
     clearInterval(this.ping);
     this.subscription.abort();
   }
+}
+
+/** The fields of a MarkRead result (Chat in proto3 JSON) that the read-marker rule needs. */
+interface ChatJson {
+  id: string;
+  readSequence: string;
 }
 
 function toText(data: RawData): string {

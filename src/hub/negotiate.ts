@@ -23,8 +23,8 @@ const availableTransports = [{ transport: "WebSockets", transferFormats: ["Text"
 
 /**
  * HTTP requests to the hub: `POST /hubs/chat/negotiate` and CORS preflights. Returns false for
- * paths that are not the hub's. A bearer token is optional on negotiate, but one that is sent must
- * be valid (401 otherwise); the WebSocket request is authenticated in any case.
+ * paths that are not the hub's. Negotiate needs a valid bearer token (401 otherwise), as SignalR
+ * clients send it there too; the WebSocket request is authenticated again.
  */
 export function createHttpHandler(deps: NegotiateDeps): (req: Request, res: Response) => boolean {
   return (req, res) => {
@@ -52,12 +52,10 @@ export function createHttpHandler(deps: NegotiateDeps): (req: Request, res: Resp
 }
 
 async function answerNegotiate(deps: NegotiateDeps, req: Request, res: Response, url: URL, cors: Record<string, string>) {
-  if (req.headers.authorization !== undefined || url.searchParams.has("access_token")) {
-    const caller = await authenticate(deps.verifier, req.headers.authorization, url.searchParams.get("access_token"));
-    if (caller instanceof Error) {
-      send(res, 401, { ...cors, "www-authenticate": 'Bearer error="invalid_token"' }, `Unauthorized: ${caller.message}\n`);
-      return;
-    }
+  const caller = await authenticate(deps.verifier, req.headers.authorization, url.searchParams.get("access_token"));
+  if (caller instanceof Error) {
+    send(res, 401, { ...cors, "www-authenticate": 'Bearer error="invalid_token"' }, `Unauthorized: ${caller.message}\n`);
+    return;
   }
   const version = Number(url.searchParams.get("negotiateVersion") ?? "0");
   const { connectionId, connectionToken } = deps.tokens.issue();

@@ -49,8 +49,11 @@ const clientGoneCodes = new Set([
 ]);
 
 export function isUnavailable(error: unknown): boolean {
-  const code = (error as { code?: unknown } | null)?.code;
-  return error instanceof UnavailableError || (typeof code === "string" && unavailableErrorCodes.has(code));
+  const { code, severity } = (error ?? {}) as { code?: unknown; severity?: unknown };
+  return error instanceof UnavailableError || (typeof code === "string" && unavailableErrorCodes.has(code)) ||
+    // PostgreSQL ends the session after a FATAL error: at connect, a database that refuses connections,
+    // does not exist or rejects the credentials is as unreachable to the caller as a stopped server.
+    severity === "FATAL" || severity === "PANIC";
 }
 
 export function toConnectError(error: unknown, log: Logger): ConnectError {

@@ -154,6 +154,10 @@ export async function startServer(config: Config, log: Logger = createLogger(con
         });
       return;
     }
+    if (GRPC_CONTENT_TYPE.test(req.headers["content-type"] ?? "")) {
+      if (!corsForRpc(req, res)) unimplemented(res, req.headers["content-type"]!, path);
+      return;
+    }
     void handleHttp(path, req, res);
   };
 
@@ -245,6 +249,21 @@ export async function startServer(config: Config, log: Logger = createLogger(con
       return closing;
     },
   };
+}
+
+/** gRPC and gRPC-Web requests; the Connect protocol expects a plain 404 for an unknown method. */
+const GRPC_CONTENT_TYPE = /^application\/grpc(-web(-text)?)?([+;]|$)/i;
+
+/**
+ * gRPC clients expect an unknown method as status UNIMPLEMENTED, not HTTP 404 (which grpcio, for one,
+ * reports with a parse error): a trailers-only response, the status in the headers.
+ */
+function unimplemented(res: http.ServerResponse | http2.Http2ServerResponse, contentType: string, path: string) {
+  // Headers set, not written: end() then sends them with the end of the stream (HTTP/2 trailers-only).
+  res.setHeader("content-type", contentType);
+  res.setHeader("grpc-status", String(Code.Unimplemented));
+  res.setHeader("grpc-message", encodeURIComponent(`unknown method ${path}`));
+  res.end();
 }
 
 function send(res: http.ServerResponse | http2.Http2ServerResponse, status: number, contentType: string, body: string) {

@@ -460,6 +460,27 @@ it("postgres outage - database frozen (SIGSTOP, connections open but silent): no
   await dbScenario(async (pg) => pg.freeze(), async (pg) => pg.thaw(), "frozen database");
 });
 
+/** Runs statements on the cluster's template1, which stays open to connections whatever happens to the database Parley uses. */
+async function onTemplate1(pg: PostgresCluster, run: (sql: postgres.Sql) => Promise<unknown>): Promise<void> {
+  const sql = postgres(pg.url.replace(/\/postgres$/, "/template1"), { max: 1, onnotice: () => {} });
+  try {
+    await run(sql);
+  } finally {
+    await sql.end({ timeout: 2 });
+  }
+}
+
+it("postgres outage - database refusing connections (FATAL at connect): RPCs fail fast with UNAVAILABLE, never INTERNAL", async () => {
+  await dbScenario(
+    (pg) => onTemplate1(pg, async (sql) => {
+      await sql`ALTER DATABASE postgres ALLOW_CONNECTIONS false`;
+      await sql`SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'postgres'`;
+    }),
+    (pg) => onTemplate1(pg, (sql) => sql`ALTER DATABASE postgres ALLOW_CONNECTIONS true`),
+    "database refusing connections",
+  );
+});
+
 // ---------------------------------------------------------------------------------------------
 // 4. Slow consumers
 

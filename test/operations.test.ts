@@ -372,7 +372,7 @@ test("operations - PARLEY_REFLECTION=off hides server reflection; on (default) i
   const own = await startTestServer({ PARLEY_REFLECTION: "off" });
   try {
     const off = await http2Request(own.url, grpcHeaders(path, false), listServices);
-    assert.is(off.headers[":status"], 404);
+    assert.is(grpcStatus(off), String(grpc.status.UNIMPLEMENTED));
     assert.not.ok(off.body.includes("parley.v1"), "nothing of the schema is revealed");
   } finally {
     await own.destroy();
@@ -393,6 +393,28 @@ test("operations - an unknown path is 404", async () => {
     if (r.status !== 404) problems.push(`${method} ${p}: HTTP ${r.status} ${r.body.toString().slice(0, 100)}`);
   }
   assert.equal(problems, []);
+});
+
+test("operations - an unknown method over gRPC and gRPC-Web is UNIMPLEMENTED", async () => {
+  for (const p of ["parley.v1.ChatService/NoSuchMethod", "parley.v1.NoSuchService/ListChats"]) {
+    const grpcCall = await http2Request(server.url, grpcHeaders(p), envelope(Buffer.alloc(0)));
+    assert.is(grpcCall.headers[":status"], 200, p);
+    assert.is(grpcStatus(grpcCall), String(grpc.status.UNIMPLEMENTED), p);
+    assert.match(decodeURIComponent(String(grpcCall.headers["grpc-message"])), `unknown method /${p}`);
+    const web = await http1(server.url, "POST", `/${p}`, { "content-type": "application/grpc-web+proto" }, envelope(Buffer.alloc(0)));
+    assert.is(web.status, 200, p);
+    assert.is(web.headers["grpc-status"], String(grpc.status.UNIMPLEMENTED), p);
+  }
+  const client = new grpc.Client(server.address, grpc.credentials.createInsecure());
+  try {
+    const error = await new Promise<grpc.ServiceError>((resolve) =>
+      client.makeUnaryRequest("/parley.v1.ChatService/NoSuchMethod", (x: Buffer) => x, (x: Buffer) => x, Buffer.alloc(0),
+        (e) => resolve(e!)),
+    );
+    assert.is(error.code, grpc.status.UNIMPLEMENTED);
+  } finally {
+    client.close();
+  }
 });
 
 function requestIdChecker() {

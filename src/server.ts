@@ -37,6 +37,7 @@ import { MessageStore } from "./store/message-store.js";
 import { loadServerSecret } from "./store/server-secrets.js";
 import { rejectUndecodableBody, rejectUndecodableStreamMessages, withBodyCheck } from "./transport/body-check.js";
 import { rpcCors } from "./transport/cors.js";
+import { fromGrpcWebText, isGrpcWebText, toGrpcWebText } from "./transport/grpc-web-text.js";
 import { assignRequestId, authenticate, failFast, mapErrors, observe } from "./transport/interceptors.js";
 import { nodeResponseKey } from "./transport/stream-output.js";
 import { createHttpServers } from "./transport/one-port.js";
@@ -147,8 +148,9 @@ export async function startServer(config: Config, log: Logger = createLogger(con
       if (corsForRpc(req, res)) return;
       assignRequestId(req, res);
       const uReq = universalRequestFromNodeRequest(req, res, undefined, streamingPaths.has(path) ? streamContext(res) : undefined);
-      rpc(uReq)
-        .then((uRes) => universalResponseToNodeResponse(uRes, res))
+      const text = isGrpcWebText(req.headers["content-type"]);
+      rpc(text ? fromGrpcWebText(uReq) : uReq)
+        .then((uRes) => universalResponseToNodeResponse(text ? toGrpcWebText(uRes) : uRes, res))
         .catch((error) => {
           if (ConnectError.from(error).code !== Code.Aborted) log.warn({ err: error, path }, "response failed");
         });

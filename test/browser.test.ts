@@ -119,6 +119,37 @@ for (const protocol of ["connect", "grpc-web"] as const) {
   });
 }
 
+// ---- Google's grpc-web client, driven through web/probe/grpc-web-probe.ts
+
+let grpcWebProbeJs: Promise<string> | undefined;
+const grpcWebProbeScript = () => (grpcWebProbeJs ??= bundle(path.join(webDir, "probe/grpc-web-probe.ts"), "grpc-web-probe.js").then((b) => b.js));
+
+browserTest("browser - Google's grpc-web client in text mode from another origin: CreateChat, then Subscribe gets Ready and a message", async () => {
+  const tenant = uniqueTenant("web");
+  const { page } = await openPage();
+  const contentTypes = new Set<string>();
+  page.on("request", (request) => {
+    if (request.url().startsWith(server.url) && request.method() === "POST") contentTypes.add(request.headers()["content-type"] ?? "");
+  });
+  await page.goto(site.script("grpc-web-probe.js", await grpcWebProbeScript()));
+  await page.waitForFunction(() => (globalThis as any).grpcWebProbe !== undefined);
+  const call = <T = any>(name: string, ...args: unknown[]): Promise<T> =>
+    page.evaluate(([m, a]) => (globalThis as any).grpcWebProbe[m as string](...(a as unknown[])), [name, args] as const);
+
+  const ready = await call("start", server.url, await tokenFor(tenant, "alice"));
+  assert.ok("ready" in ready, `first notification is Ready: ${JSON.stringify(ready)}`);
+  const chat = await call("createChat", "grpc-web", ["bob"]);
+  assert.is(chat.name, "grpc-web");
+  assert.is(chat.memberCount, 2);
+  const bob = parleyClient(server.url, await tokenFor(tenant, "bob"), "grpc");
+  await bob.messages.sendMessage({ chatId: chat.id, text: "to a grpc-web stream" });
+  let created: any;
+  while (!created?.messageCreated) created = await call("nextEvent", 5000);
+  assert.is(created.messageCreated.message.text, "to a grpc-web stream");
+  assert.equal([...contentTypes], ["application/grpc-web-text"]);
+  await call("stop");
+});
+
 browserTest("browser - Connect-Web from an origin not in PARLEY_CORS_ORIGINS gets no answer", async () => {
   const tenant = uniqueTenant("web");
   const { page } = await openPage(stranger.script("probe.js", await probeScript()));

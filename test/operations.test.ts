@@ -11,6 +11,7 @@ import * as protoLoader from "@grpc/proto-loader";
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { CreateChatRequestSchema, CreateChatResponseSchema, ListChatsRequestSchema } from "../gen/parley/v1/chat_pb.js";
+import { NotificationSchema, SubscribeRequestSchema, type Notification } from "../gen/parley/v1/notification_pb.js";
 import { parleyClient } from "./support/clients.js";
 import { startTestServer, tokenFor, uniqueTenant, type TestServer } from "./support/server.js";
 
@@ -416,6 +417,74 @@ test("operations - an unknown method over gRPC and gRPC-Web is UNIMPLEMENTED", a
     client.close();
   }
 });
+
+/** gRPC-Web text: every frame base64-encoded; a body may hold padded groups back to back. */
+function fromBase64Groups(text: string): Buffer {
+  const groups = text.replace(/\s+/g, "").match(/.{1,4}/g) ?? [];
+  return Buffer.concat(groups.map((group) => Buffer.from(group, "base64")));
+}
+
+/** The frames of a binary gRPC-Web body: messages, and the trailers frame (flag 0x80) as text. */
+function grpcWebFrames(body: Buffer): { messages: Buffer[]; trailers: string | undefined } {
+  const messages: Buffer[] = [];
+  let trailers: string | undefined;
+  for (let at = 0; at + 5 <= body.length;) {
+    const length = body.readUInt32BE(at + 1);
+    const payload = body.subarray(at + 5, at + 5 + length);
+    if (body[at]! & 0x80) trailers = payload.toString("utf8");
+    else messages.push(payload);
+    at += 5 + length;
+  }
+  return { messages, trailers };
+}
+
+test("operations - gRPC-Web text mode (application/grpc-web-text, as Google's grpc-web client sends): unary calls and server streams", async () => {
+  const textHeaders = { "content-type": "application/grpc-web-text", accept: "application/grpc-web-text", "x-grpc-web": "1", authorization: `Bearer ${token}` };
+  const request = (message: Uint8Array) => envelope(message).toString("base64");
+  const created = await http1(server.url, "POST", "/parley.v1.ChatService/CreateChat", textHeaders,
+    request(toBinary(CreateChatRequestSchema, create(CreateChatRequestSchema, { name: "text mode" }))));
+  assert.is(created.status, 200);
+  assert.match(String(created.headers["content-type"]), /^application\/grpc-web-text/);
+  const unary = grpcWebFrames(fromBase64Groups(created.body.toString("latin1")));
+  assert.match(unary.trailers ?? "", /grpc-status: ?0/i);
+  const chat = fromBinary(CreateChatResponseSchema, unary.messages[0]!).chat!;
+  assert.is(chat.name, "text mode");
+
+  // A request body whose base64 does not hold a valid message: INVALID_ARGUMENT, as in binary mode.
+  const garbage = await http1(server.url, "POST", "/parley.v1.ChatService/GetChat", textHeaders, envelope(Buffer.from([0xff, 0xff, 0xff])).toString("base64"));
+  assert.match(grpcWebFrames(fromBase64Groups(garbage.body.toString("latin1"))).trailers ?? "", /grpc-status: ?3/i);
+
+  // Subscribe: Ready, then a message sent meanwhile, each frame decodable as it arrives.
+  const notifications: Notification[] = [];
+  let text = "";
+  const stream = http.request(`${server.url}/parley.v1.NotificationService/Subscribe`, { method: "POST", headers: textHeaders, agent: false });
+  stream.on("response", (res) => res.on("data", (chunk: Buffer) => {
+    text += chunk.toString("latin1");
+    notifications.splice(0, notifications.length,
+      ...grpcWebFrames(fromBase64Groups(text)).messages.map((m) => fromBinary(NotificationSchema, m)));
+  }));
+  stream.on("error", () => {});
+  stream.end(request(toBinary(SubscribeRequestSchema, create(SubscribeRequestSchema, { includeMessages: true }))));
+  try {
+    await until(() => notifications.length === 1);
+    assert.is(notifications[0]!.event.case, "ready");
+    await parleyClient(server.url, token).messages.sendMessage({ chatId: chat.id, text: "over base64" });
+    await until(() => notifications.length === 2);
+    const event = notifications[1]!.event;
+    assert.is(event.case, "messageCreated");
+    assert.is(event.case === "messageCreated" && event.value.message?.text, "over base64");
+  } finally {
+    stream.destroy();
+  }
+});
+
+async function until(condition: () => boolean, timeoutMs = 5000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error("timed out");
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
 
 function requestIdChecker() {
   const ids: string[] = [];

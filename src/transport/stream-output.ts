@@ -35,7 +35,9 @@ const CONNECT_COMPRESS_MIN_BYTES = 1024;
 export function streamOutput<Desc extends DescMessage>(ctx: HandlerContext, schema: Desc): StreamOutput<MessageShape<Desc>> | undefined {
   const res = ctx.values.get(nodeResponseKey);
   if (res === undefined) return undefined;
-  const binary = BINARY_STREAM.test(ctx.requestHeader.get("content-type") ?? "");
+  // The client's own content type: a gRPC-Web text request reaches Connect as binary (grpc-web-text.ts),
+  // but its response must pass through the text encoding, so it is never written here.
+  const binary = BINARY_STREAM.test(res.req.headers["content-type"] ?? "");
   const compressed = ctx.responseHeader.has("grpc-encoding") || ctx.responseHeader.has("connect-content-encoding");
   return {
     write(message) {

@@ -61,9 +61,10 @@ export class Chats {
     const chatId = check.id("chat_id", req.chatId);
     const sequence = check.sequence("sequence", req.sequence);
     check.done();
-    const chat = await this.store.markRead(caller.tenantId, caller.userId, chatId, sequence, caller.signal);
-    if (!chat) throw new NotFoundError("chat");
-    await this.events.readUpdated(caller.tenantId, caller.userId, chatId, chat.readSequence);
+    const marked = await this.store.markRead(caller.tenantId, caller.userId, chatId, sequence, caller.signal);
+    if (!marked) throw new NotFoundError("chat");
+    const { chat, moved } = marked;
+    if (moved) await this.events.readUpdated(caller.tenantId, caller.userId, chatId, chat.readSequence);
     return create(MarkReadResponseSchema, { chat });
   }
 }

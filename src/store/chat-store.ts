@@ -66,14 +66,20 @@ export class ChatStore extends Store {
   }
 
   /** Moves the read marker forward, never past the last message; undefined when not a member. */
-  async markRead(tenant: string, user: string, chatId: string, sequence: bigint, signal?: AbortSignal): Promise<Chat | undefined> {
+  /** The chat with the caller's new read marker, and whether the marker moved; undefined for a non-member. */
+  async markRead(tenant: string, user: string, chatId: string, sequence: bigint, signal?: AbortSignal): Promise<{ chat: Chat; moved: boolean } | undefined> {
+    // The row is locked before it is read, so of two concurrent calls only one sees the marker move.
     const [row] = await this.cancellable(this.sql`
+      WITH before AS (
+        SELECT read_sequence FROM members WHERE tenant_id = ${tenant} AND chat_id = ${chatId} AND user_id = ${user} FOR UPDATE
+      )
       UPDATE members m SET read_sequence = greatest(m.read_sequence, least(${sequence.toString()}::bigint, c.last_sequence))
-      FROM chats c
+      FROM chats c, before b
       WHERE m.tenant_id = ${tenant} AND m.chat_id = ${chatId} AND m.user_id = ${user}
         AND c.tenant_id = m.tenant_id AND c.id = m.chat_id
-      RETURNING c.*, m.read_sequence`, signal);
-    return row && toChat(row, row.read_sequence as bigint);
+      RETURNING c.*, m.read_sequence, b.read_sequence AS read_sequence_before`, signal);
+    if (!row) return undefined;
+    return { chat: toChat(row, row.read_sequence as bigint), moved: row.read_sequence !== row.read_sequence_before };
   }
 }
 

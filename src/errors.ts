@@ -48,12 +48,22 @@ const clientGoneCodes = new Set([
   "ERR_STREAM_DESTROYED", "ERR_STREAM_PREMATURE_CLOSE", "ERR_STREAM_WRITE_AFTER_END",
 ]);
 
+/** Refusals at connect that an operator must fix (credentials, database name): logged as errors. */
+const misconfigurationCodes = new Set(["28000", "28P01", "3D000"]);
+
+/**
+ * PostgreSQL ends the session after a FATAL error: at connect, a database that refuses connections,
+ * does not exist or rejects the credentials is as unreachable to the caller as a stopped server.
+ */
+function isFatalPostgresError(error: unknown): boolean {
+  const { name, severity } = (error ?? {}) as { name?: unknown; severity?: unknown };
+  return name === "PostgresError" && (severity === "FATAL" || severity === "PANIC");
+}
+
 export function isUnavailable(error: unknown): boolean {
-  const { code, severity } = (error ?? {}) as { code?: unknown; severity?: unknown };
+  const code = (error as { code?: unknown } | null)?.code;
   return error instanceof UnavailableError || (typeof code === "string" && unavailableErrorCodes.has(code)) ||
-    // PostgreSQL ends the session after a FATAL error: at connect, a database that refuses connections,
-    // does not exist or rejects the credentials is as unreachable to the caller as a stopped server.
-    severity === "FATAL" || severity === "PANIC";
+    isFatalPostgresError(error);
 }
 
 export function toConnectError(error: unknown, log: Logger): ConnectError {
@@ -81,7 +91,9 @@ export function toConnectError(error: unknown, log: Logger): ConnectError {
     return new ConnectError(error.message, Code.ResourceExhausted, undefined, details);
   }
   if (isUnavailable(error)) {
-    log.warn({ err: describe(error) }, "dependency unavailable");
+    const misconfigured = misconfigurationCodes.has((error as { code?: string }).code ?? "");
+    if (misconfigured) log.error({ err: describe(error) }, "database refuses Parley's connection: check DATABASE_URL");
+    else log.warn({ err: describe(error) }, "dependency unavailable");
     return new ConnectError("service temporarily unavailable, retry", Code.Unavailable);
   }
   log.error({ err: error }, "internal error");

@@ -37,7 +37,8 @@ import { MessageStore } from "./store/message-store.js";
 import { loadServerSecret } from "./store/server-secrets.js";
 import { rejectUndecodableBody, rejectUndecodableStreamMessages, withBodyCheck } from "./transport/body-check.js";
 import { rpcCors } from "./transport/cors.js";
-import { fromGrpcWebText, isGrpcWebText, toGrpcWebText } from "./transport/grpc-web-text.js";
+import { grpcFlavour } from "./transport/content-types.js";
+import { fromGrpcWebText, toGrpcWebText } from "./transport/grpc-web-text.js";
 import { assignRequestId, authenticate, failFast, mapErrors, observe } from "./transport/interceptors.js";
 import { nodeResponseKey } from "./transport/stream-output.js";
 import { createHttpServers } from "./transport/one-port.js";
@@ -148,23 +149,25 @@ export async function startServer(config: Config, log: Logger = createLogger(con
       if (corsForRpc(req, res)) return;
       assignRequestId(req, res);
       const uReq = universalRequestFromNodeRequest(req, res, undefined, streamingPaths.has(path) ? streamContext(res) : undefined);
-      const text = isGrpcWebText(req.headers["content-type"]);
-      rpc(text ? fromGrpcWebText(uReq) : uReq)
+      const text = grpcFlavour(req.headers["content-type"] ?? "") === "grpc-web-text";
+      rpc(text ? fromGrpcWebText(uReq, config.maxRequestBytes) : uReq)
         .then((uRes) => universalResponseToNodeResponse(text ? toGrpcWebText(uRes) : uRes, res))
         .catch((error) => {
           if (ConnectError.from(error).code !== Code.Aborted) log.warn({ err: error, path }, "response failed");
         });
       return;
     }
-    if (GRPC_CONTENT_TYPE.test(req.headers["content-type"] ?? "")) {
-      if (!corsForRpc(req, res)) unimplemented(res, req.headers["content-type"]!, path);
+    const flavour = grpcFlavour(req.headers["content-type"] ?? "");
+    // Unknown methods: gRPC clients get UNIMPLEMENTED, and browsers the CORS answers that let them see it.
+    if (flavour || (req.method === "OPTIONS" && RPC_PATH.test(path))) {
+      if (!corsForRpc(req, res)) unimplemented(res, flavour ?? "grpc", path);
       return;
     }
     void handleHttp(path, req, res);
   };
 
   const handleHttp = async (path: string, req: http.IncomingMessage | http2.Http2ServerRequest, res: http.ServerResponse | http2.Http2ServerResponse) => {
-    // Probes: GET, or HEAD as some load balancers send (Node sends no body for HEAD).
+    // Probes: GET, or HEAD as some load balancers send.
     const probe = req.method === "GET" || req.method === "HEAD";
     if (probe && path === "/healthz") return send(res, 200, "text/plain", "ok\n");
     if (probe && path === "/readyz") {
@@ -253,16 +256,23 @@ export async function startServer(config: Config, log: Logger = createLogger(con
   };
 }
 
-/** gRPC and gRPC-Web requests; the Connect protocol expects a plain 404 for an unknown method. */
-const GRPC_CONTENT_TYPE = /^application\/grpc(-web(-text)?)?([+;]|$)/i;
+/** `/package.Service/Method`: what an RPC's path looks like, known or not. */
+const RPC_PATH = /^\/[A-Za-z_][\w.]*\.[A-Za-z_]\w*\/[A-Za-z_]\w*$/;
+
+const responseContentTypes = {
+  grpc: "application/grpc",
+  "grpc-web": "application/grpc-web+proto",
+  "grpc-web-text": "application/grpc-web-text+proto",
+};
 
 /**
  * gRPC clients expect an unknown method as status UNIMPLEMENTED, not HTTP 404 (which grpcio, for one,
- * reports with a parse error): a trailers-only response, the status in the headers.
+ * reports with a parse error): a trailers-only response, the status in the headers. The Connect
+ * protocol keeps its plain 404.
  */
-function unimplemented(res: http.ServerResponse | http2.Http2ServerResponse, contentType: string, path: string) {
+function unimplemented(res: http.ServerResponse | http2.Http2ServerResponse, flavour: keyof typeof responseContentTypes, path: string) {
   // Headers set, not written: end() then sends them with the end of the stream (HTTP/2 trailers-only).
-  res.setHeader("content-type", contentType);
+  res.setHeader("content-type", responseContentTypes[flavour]);
   res.setHeader("grpc-status", String(Code.Unimplemented));
   res.setHeader("grpc-message", encodeURIComponent(`unknown method ${path}`));
   res.end();
@@ -270,7 +280,8 @@ function unimplemented(res: http.ServerResponse | http2.Http2ServerResponse, con
 
 function send(res: http.ServerResponse | http2.Http2ServerResponse, status: number, contentType: string, body: string) {
   (res as http.ServerResponse).writeHead(status, { "content-type": contentType, "cache-control": "no-store" });
-  res.end(body);
+  // HTTP/1.1 drops a HEAD response's body itself; HTTP/2 has ended the stream with the headers.
+  res.end(res.req.method === "HEAD" ? "" : body);
 }
 
 /** Resolves once every connection has closed. */

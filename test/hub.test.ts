@@ -57,6 +57,17 @@ async function api(tenant: string, user: string, url = server.url): Promise<Parl
   return parleyClient(url, await tokenFor(tenant, user));
 }
 
+/** A hub invocation fails with an error matching the pattern. */
+async function expectError(promise: Promise<unknown>, pattern: RegExp): Promise<void> {
+  try {
+    await promise;
+  } catch (error) {
+    assert.match((error as Error).message, pattern);
+    return;
+  }
+  assert.unreachable("invocation should have failed");
+}
+
 /** The hub still serves new clients. */
 async function assertHealthy(): Promise<void> {
   const hub = await connect(uniqueTenant(), "probe", false);
@@ -120,24 +131,28 @@ test("hub - ReadUpdated goes to the user's other connections, not to the one tha
   const alice = await api(tenant, "alice");
   const { chat } = await alice.chats.createChat({ name: "devices", memberIds: ["bob"] });
   const chatId = chat!.id;
-  for (let i = 1; i <= 3; i++) await alice.messages.sendMessage({ chatId, text: `m${i}` });
-  await phone.next("MessageCreated", (e) => e.sequence === "3");
-  await laptop.next("MessageCreated", (e) => e.sequence === "3");
+  for (let i = 1; i <= 4; i++) await alice.messages.sendMessage({ chatId, text: `m${i}` });
+  await phone.next("MessageCreated", (e) => e.sequence === "4");
+  await laptop.next("MessageCreated", (e) => e.sequence === "4");
 
   await phone.connection.invoke("MarkRead", chatId, 1);
   assert.equal(await laptop.next("ReadUpdated"), { chatId, readSequence: "1" });
-  // The laptop marks up to where it already is: no news for the phone (it set that marker itself).
-  await laptop.connection.invoke("MarkRead", chatId, 1);
   await laptop.connection.invoke("MarkRead", chatId, 2);
   assert.equal(await phone.next("ReadUpdated"), { chatId, readSequence: "2" });
-  // A third device (a gRPC client) reaches both; events per user arrive in order, so by now any echo of
-  // a connection's own MarkRead would have arrived before this one.
-  await (await api(tenant, "bob")).chats.markRead({ chatId, sequence: 3n });
+  // Sent without an invocation id, the call's result never reaches the phone: its ReadUpdated does.
+  await phone.connection.send("MarkRead", chatId, 3);
   await phone.next("ReadUpdated", (e) => e.readSequence === "3");
   await laptop.next("ReadUpdated", (e) => e.readSequence === "3");
+  // A MarkRead that fails leaves the connection's events flowing.
+  await expectError(phone.connection.invoke("MarkRead", "0190d9d4-0000-7000-8000-000000000000", 1), /not_found/);
+  // A third device (a gRPC client) reaches both. Events per user arrive in order, so by now any echo of
+  // a connection's own MarkRead would have arrived before this one.
+  await (await api(tenant, "bob")).chats.markRead({ chatId, sequence: 4n });
+  await phone.next("ReadUpdated", (e) => e.readSequence === "4");
+  await laptop.next("ReadUpdated", (e) => e.readSequence === "4");
   const readUpdates = (hub: HubClient) => hub.events.filter((e) => e.target === "ReadUpdated").map((e) => e.arg.readSequence);
-  assert.equal(readUpdates(phone), ["2", "3"]);
-  assert.equal(readUpdates(laptop), ["1", "3"]);
+  assert.equal(readUpdates(phone), ["2", "3", "4"]);
+  assert.equal(readUpdates(laptop), ["1", "3", "4"]);
 });
 
 test("hub - SendMessage and MarkRead return Message and Chat JSON", async () => {
@@ -181,15 +196,6 @@ test("hub - invocation errors come back as completions and the connection stays 
   const alice = await api(tenant, "alice");
   const { chat } = await alice.chats.createChat({ name: "private" });
   const carol = await connect(tenant, "carol");
-  const expectError = async (promise: Promise<unknown>, pattern: RegExp) => {
-    try {
-      await promise;
-    } catch (error) {
-      assert.match((error as Error).message, pattern);
-      return;
-    }
-    assert.unreachable("invocation should have failed");
-  };
   await expectError(carol.connection.invoke("SendMessage", chat!.id, "let me in"), /not_found: chat not found/);
   await expectError(carol.connection.invoke("MarkRead", chat!.id, 1), /not_found/);
   await expectError(carol.connection.invoke("SendMessage", "not-a-uuid", "x"), /invalid_argument: .*chat_id/);

@@ -7,7 +7,7 @@ import { MessageService, type Message } from "../gen/parley/v1/message_pb.js";
 import { NotificationService, type Notification } from "../gen/parley/v1/notification_pb.js";
 import { bearer, grpcMetadata, grpcPackage, parleyClient, type ParleyClient, type Protocol } from "./support/clients.js";
 import { startTestServer, tokenFor, uniqueTenant, type TestServer } from "./support/server.js";
-import { StreamReader } from "./support/streams.js";
+import { StreamReader, until } from "./support/streams.js";
 
 let server: TestServer;
 test.before(async () => {
@@ -338,13 +338,5 @@ test("streams - a user's concurrent streams are capped with RESOURCE_EXHAUSTED; 
     await own.destroy();
   }
 });
-
-async function until(condition: () => boolean, timeoutMs = 5000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error("condition not met in time");
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
-}
 
 test.run();

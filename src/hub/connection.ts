@@ -10,7 +10,7 @@ import type { StreamOutput } from "../services/event-queue.js";
 import { errorText } from "./error-text.js";
 import { eventInvocation } from "./events.js";
 import type { HubSocket } from "./hub-socket.js";
-import { invokeMethod, type HubServices } from "./methods.js";
+import { invokeMethod, isMarkRead, type HubServices } from "./methods.js";
 import {
   checkHandshake, closeMessage, completionMessage, handshakeResponse, isObject, MessageType, PING, readInvocation,
   splitRecords, type Invocation,
@@ -48,12 +48,15 @@ export class HubConnection {
   private invocations: Promise<void> = Promise.resolve();
   private readonly subscription = new AbortController();
   /**
-   * ReadUpdated goes to the user's other streams: per chat, the read marker this connection knows
-   * (from its own MarkRead or a ReadUpdated it forwarded); only a marker beyond it is news.
+   * ReadUpdated goes to the user's other streams. Per chat, the read marker this connection knows (the
+   * results of its own MarkRead, the ReadUpdated events it forwarded): only a marker beyond it is news.
    */
   private readonly readMarkers = new Map<string, bigint>();
-  /** While this connection's own MarkRead runs, ReadUpdated events wait here for its result. */
-  private heldReadUpdates: Notification[] | undefined;
+  /**
+   * While this connection's MarkRead on a chat runs, that chat's ReadUpdated events wait here: the
+   * call's own event can arrive before its result (and after it, through NATS, the result filters it).
+   */
+  private markingRead: { chatId: string; held: Notification[] } | undefined;
   private readonly idle: NodeJS.Timeout;
   private ping: NodeJS.Timeout | undefined;
   private readonly log: Logger;
@@ -169,47 +172,54 @@ export class HubConnection {
   }
 
   private async invoke({ invocationId, target, arguments: args, streamIds }: Invocation, streaming: boolean): Promise<void> {
-    let outcome: { result: unknown } | { error: string };
-    // Its own ReadUpdated may arrive before MarkRead returns (or after): hold them until the result is known.
-    const markingRead = target.toLowerCase() === "markread";
-    if (markingRead) this.heldReadUpdates ??= [];
+    const markedChatId = isMarkRead(target) && typeof args[0] === "string" ? args[0] : undefined;
+    if (markedChatId !== undefined) this.markingRead = { chatId: markedChatId, held: [] };
+    let outcome: { result: unknown } | { error: string } | undefined;
     try {
-      if (streaming) throw new ConnectError(`'${target}' is not a streaming method (the hub has none)`, Code.Unimplemented);
-      if (streamIds?.length) throw new ConnectError("client-to-server streams are not supported", Code.Unimplemented);
-      outcome = { result: await invokeMethod(this.deps.services, this.caller!, target, args) };
-    } catch (error) {
-      outcome = { error: errorText(error, this.log) };
+      try {
+        if (streaming) throw new ConnectError(`'${target}' is not a streaming method (the hub has none)`, Code.Unimplemented);
+        if (streamIds?.length) throw new ConnectError("client-to-server streams are not supported", Code.Unimplemented);
+        outcome = { result: await invokeMethod(this.deps.services, this.caller!, target, args) };
+      } catch (error) {
+        outcome = { error: errorText(error, this.log) };
+      }
+      if (invocationId !== undefined) this.send(completionMessage(invocationId, outcome));
+      else if ("error" in outcome) this.log.debug({ target, error: outcome.error }, "non-blocking hub invocation failed");
+    } finally {
+      // Only a caller that receives the result learns the marker from it (not one that sent without an id).
+      const learned = invocationId !== undefined && outcome && "result" in outcome ? (outcome.result as ChatJson) : undefined;
+      if (markedChatId !== undefined) this.finishMarkingRead(learned);
     }
-    if (invocationId !== undefined) this.send(completionMessage(invocationId, outcome));
-    else if ("error" in outcome) this.log.debug({ target, error: outcome.error }, "non-blocking hub invocation failed");
-    if (markingRead) this.releaseReadUpdates("result" in outcome ? (outcome.result as ChatJson) : undefined);
   }
 
-  /** After this connection's MarkRead: its marker is known here, and held events pass if they are news. */
-  private releaseReadUpdates(chat: ChatJson | undefined): void {
-    if (chat) this.knowsReadMarker(chat.id, BigInt(chat.readSequence));
-    const held = this.heldReadUpdates ?? [];
-    this.heldReadUpdates = undefined;
+  private finishMarkingRead(learned: ChatJson | undefined): void {
+    const held = this.markingRead?.held ?? [];
+    this.markingRead = undefined;
+    if (learned) this.rememberReadMarker(learned.id, BigInt(learned.readSequence));
     for (const notification of held) void this.sendEvent(notification);
   }
 
-  /** Records the marker; false when this connection knew it (or a later one) already. */
-  private knowsReadMarker(chatId: string, readSequence: bigint): boolean {
-    if (readSequence <= (this.readMarkers.get(chatId) ?? -1n)) return true;
+  /** Records the marker if it is beyond the one this connection knows; true when it was news. */
+  private rememberReadMarker(chatId: string, readSequence: bigint): boolean {
+    if (readSequence <= (this.readMarkers.get(chatId) ?? -1n)) return false;
     this.readMarkers.set(chatId, readSequence);
-    return false;
+    return true;
   }
 
-  /** Whether to forward a notification, by the read-marker rule above (true for every other event). */
-  private isNews(notification: Notification): boolean {
-    const event = notification.event;
-    if (event.case === "memberRemoved" && event.value.userId === this.caller?.userId) this.readMarkers.delete(event.value.chatId);
-    if (event.case !== "readUpdated") return true;
-    if (this.heldReadUpdates) {
-      this.heldReadUpdates.push(notification);
+  /** Whether a ReadUpdated goes out now (see readMarkers); one for a chat being marked read waits. */
+  private isNewReadMarker(chatId: string, readSequence: bigint, notification: Notification): boolean {
+    if (this.markingRead?.chatId === chatId) {
+      this.markingRead.held.push(notification);
       return false;
     }
-    return !this.knowsReadMarker(event.value.chatId, event.value.readSequence);
+    return this.rememberReadMarker(chatId, readSequence);
+  }
+
+  /** Nothing of a chat reaches the user after leaving it, held events included. */
+  private leftChat(chatId: string): void {
+    // Forgetting the marker only bounds the map: a member added again starts at last_sequence, never below.
+    this.readMarkers.delete(chatId);
+    if (this.markingRead?.chatId === chatId) this.markingRead.held = [];
   }
 
   /** Forwards the caller's notifications; a failed stream ends the connection with its error. */
@@ -272,7 +282,10 @@ export class HubConnection {
    */
   private sendEvent(notification: Notification): true | Promise<void> {
     const text = eventInvocation(notification);
-    if (text === undefined || this.ws.readyState !== WebSocket.OPEN || this.ending || !this.isNews(notification)) return true;
+    if (text === undefined || this.ws.readyState !== WebSocket.OPEN || this.ending) return true;
+    const event = notification.event;
+    if (event.case === "memberRemoved" && event.value.userId === this.caller?.userId) this.leftChat(event.value.chatId);
+    if (event.case === "readUpdated" && !this.isNewReadMarker(event.value.chatId, event.value.readSequence, notification)) return true;
     if (this.ws.bufferedAmount < HIGH_WATER_BYTES) {
       this.ws.send(text);
       return true;

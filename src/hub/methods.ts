@@ -13,6 +13,8 @@ type HubMethod = (services: HubServices, caller: Caller, args: unknown[]) => Pro
 
 const INT64_MAX = 2n ** 63n - 1n;
 
+const MARK_READ = "markread";
+
 /** Client → server methods, keyed by lower-case name: SignalR matches method names case-insensitively. */
 const methods = new Map<string, HubMethod>([
   ["sendmessage", async (services, caller, args) => {
@@ -25,13 +27,17 @@ const methods = new Map<string, HubMethod>([
     const { message } = await services.messages.sendMessage(caller, req);
     return toJson(MessageSchema, message!, hubJsonOptions);
   }],
-  ["markread", async (services, caller, args) => {
+  [MARK_READ, async (services, caller, args) => {
     arity("MarkRead(chatId, sequence)", args, 2, 2);
     const req = create(MarkReadRequestSchema, { chatId: string("chat_id", args[0]), sequence: int64("sequence", args[1]) });
     const { chat } = await services.chats.markRead(caller, req);
     return toJson(ChatSchema, chat!, hubJsonOptions);
   }],
 ]);
+
+export function isMarkRead(target: string): boolean {
+  return target.toLowerCase() === MARK_READ;
+}
 
 /** Runs a hub method and returns its result as JSON; unknown targets fail with UNIMPLEMENTED. */
 export function invokeMethod(services: HubServices, caller: Caller, target: string, args: unknown[]): Promise<unknown> {

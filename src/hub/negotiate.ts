@@ -52,9 +52,12 @@ export function createHttpHandler(deps: NegotiateDeps): (req: Request, res: Resp
 }
 
 async function answerNegotiate(deps: NegotiateDeps, req: Request, res: Response, url: URL, cors: Record<string, string>) {
-  const caller = await authenticate(deps.verifier, req.headers.authorization, url.searchParams.get("access_token"));
+  const queryToken = url.searchParams.get("access_token");
+  const caller = await authenticate(deps.verifier, req.headers.authorization, queryToken);
   if (caller instanceof Error) {
-    send(res, 401, { ...cors, "www-authenticate": 'Bearer error="invalid_token"' }, `Unauthorized: ${caller.message}\n`);
+    // RFC 6750: no error code when the request carried no credentials at all.
+    const sent = req.headers.authorization !== undefined || queryToken !== null;
+    send(res, 401, { ...cors, "www-authenticate": sent ? 'Bearer error="invalid_token"' : "Bearer" }, `Unauthorized: ${caller.message}\n`);
     return;
   }
   const version = Number(url.searchParams.get("negotiateVersion") ?? "0");

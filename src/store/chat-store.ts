@@ -65,7 +65,6 @@ export class ChatStore extends Store {
     };
   }
 
-  /** Moves the read marker forward, never past the last message; undefined when not a member. */
   /** The chat with the caller's new read marker, and whether the marker moved; undefined for a non-member. */
   async markRead(tenant: string, user: string, chatId: string, sequence: bigint, signal?: AbortSignal): Promise<{ chat: Chat; moved: boolean } | undefined> {
     // The row is locked before it is read, so of two concurrent calls only one sees the marker move.

@@ -2,6 +2,7 @@ import zlib from "node:zlib";
 import { fromBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError, createContextKey, createContextValues, type Interceptor } from "@connectrpc/connect";
 import type { UniversalHandler, UniversalServerRequest } from "@connectrpc/connect/protocol";
+import { CONNECT_UNARY_BINARY, ENVELOPED_BINARY } from "./content-types.js";
 
 /**
  * Connect answers a request whose protobuf bytes do not decode with INTERNAL, before any interceptor
@@ -11,10 +12,6 @@ import type { UniversalHandler, UniversalServerRequest } from "@connectrpc/conne
  */
 const undecodableBody = createContextKey<string | undefined>(undefined);
 
-/** Connect unary binary: the body is the message. */
-const RAW = /^application\/proto(;|$)/i;
-/** gRPC, gRPC-Web and Connect streaming binary: the message is in a 5-byte-prefixed envelope. */
-const ENVELOPED = /^application\/(grpc|grpc\+proto|grpc-web|grpc-web\+proto|connect\+proto)(;|$)/i;
 const COMPRESSED_FLAG = 0b1;
 
 export function withBodyCheck(handler: UniversalHandler, readMaxBytes: number): UniversalHandler {
@@ -22,9 +19,16 @@ export function withBodyCheck(handler: UniversalHandler, readMaxBytes: number): 
   if (kind !== "unary" && kind !== "server_streaming") return handler;
   const checked = async (req: UniversalServerRequest) => {
     const contentType = req.header.get("content-type") ?? "";
-    const enveloped = ENVELOPED.test(contentType);
-    if ((!enveloped && !RAW.test(contentType)) || !isByteStream(req.body)) return handler(req);
-    const { bytes, complete } = await readUpTo(req.body, readMaxBytes + 5);
+    const enveloped = ENVELOPED_BINARY.test(contentType);
+    if ((!enveloped && !CONNECT_UNARY_BINARY.test(contentType)) || !isByteStream(req.body)) return handler(req);
+    let read: { bytes: Uint8Array; complete: boolean };
+    try {
+      read = await readUpTo(req.body, readMaxBytes + 5);
+    } catch (error) {
+      // Connect answers a body that fails while it reads (in the client's protocol, with the error's code).
+      return handler({ ...req, body: failing(error) });
+    }
+    const { bytes, complete } = read;
     const replay = { ...req, body: replayThenRest(bytes, complete ? undefined : req.body) };
     if (!complete) return handler(replay); // too large: Connect enforces readMaxBytes itself
     const payload = enveloped ? unenvelope(bytes, req.header, readMaxBytes) : bytes;
@@ -118,6 +122,11 @@ async function readUpTo(body: AsyncIterable<Uint8Array>, max: number) {
     size += next.value.length;
   }
   return { bytes: Buffer.concat(chunks), complete: false };
+}
+
+/** A request body that fails when read. */
+async function* failing(error: unknown): AsyncIterable<Uint8Array> {
+  throw error;
 }
 
 async function* replayThenRest(first: Uint8Array, rest: AsyncIterable<Uint8Array> | undefined) {

@@ -1,3 +1,4 @@
+import { Code, ConnectError } from "@connectrpc/connect";
 import type { UniversalServerRequest, UniversalServerResponse } from "@connectrpc/connect/protocol";
 
 /**
@@ -6,20 +7,21 @@ import type { UniversalServerRequest, UniversalServerResponse } from "@connectrp
  * form, so a text request is decoded into it on the way in and its response encoded on the way out;
  * in between it is the same gRPC-Web call through the same handler.
  */
-const GRPC_WEB_TEXT = /^application\/grpc-web-text(\+proto)?(;|$)/i;
 const BINARY_CONTENT_TYPE = "application/grpc-web+proto";
 const TEXT_CONTENT_TYPE = "application/grpc-web-text+proto";
 
-export function isGrpcWebText(contentType: string | undefined): boolean {
-  return GRPC_WEB_TEXT.test(contentType ?? "");
-}
-
-export function fromGrpcWebText(req: UniversalServerRequest): UniversalServerRequest {
+/**
+ * The request in binary gRPC-Web. readMaxBytes limits the decoded message as usual; the text itself is
+ * limited to what a message of that size takes in base64, with room for line breaks, because
+ * whitespace and padding decode to nothing and would otherwise pass unmeasured.
+ */
+export function fromGrpcWebText(req: UniversalServerRequest, readMaxBytes: number): UniversalServerRequest {
   const header = new Headers(req.header);
   header.set("content-type", BINARY_CONTENT_TYPE);
   header.delete("content-length");
   const body = req.body as AsyncIterable<Uint8Array>;
-  return { ...req, header, body: decodeBase64(body) };
+  const maxTextBytes = 2 * 4 * Math.ceil((readMaxBytes + 5) / 3);
+  return { ...req, header, body: decodeBase64(body, maxTextBytes) };
 }
 
 /** Each chunk of the response (a message or the trailers frame) becomes base64 of its own, padded as needed. */
@@ -38,9 +40,14 @@ async function* encodeBase64(body: AsyncIterable<Uint8Array>): AsyncIterable<Uin
  * Decodes in whole groups of four characters, so chunks may split anywhere and a client may pad each
  * message it writes (padding can then appear mid-body, where one decode of the whole text would stop).
  */
-async function* decodeBase64(body: AsyncIterable<Uint8Array>): AsyncIterable<Uint8Array> {
+async function* decodeBase64(body: AsyncIterable<Uint8Array>, maxTextBytes: number): AsyncIterable<Uint8Array> {
   let pending = "";
+  let received = 0;
   for await (const chunk of body) {
+    received += chunk.length;
+    if (received > maxTextBytes) {
+      throw new ConnectError(`request text larger than ${maxTextBytes} bytes (base64 of PARLEY_MAX_REQUEST_BYTES)`, Code.ResourceExhausted);
+    }
     pending += Buffer.from(chunk).toString("latin1").replace(/\s+/g, "");
     const whole = pending.length - (pending.length % 4);
     if (whole === 0) continue;

@@ -4,18 +4,13 @@ import { toBinary, type DescMessage, type MessageShape } from "@bufbuild/protobu
 import { Code, ConnectError, createContextKey, type HandlerContext } from "@connectrpc/connect";
 import { isUnavailable } from "../errors.js";
 import type { StreamOutput } from "../services/event-queue.js";
+import { ENVELOPED_BINARY } from "./content-types.js";
 
 type NodeResponse = http.ServerResponse | http2.Http2ServerResponse;
 
 /** The Node.js response of a server-streaming RPC, put into its context by the server. */
 export const nodeResponseKey = createContextKey<NodeResponse | undefined>(undefined, { description: "Node.js response" });
 
-/**
- * Binary streaming content types. gRPC, gRPC-Web and Connect streaming frame each message the same
- * way, a 5-byte envelope (flags, big-endian length) and the protobuf bytes; only the end of the
- * stream (trailers, gRPC-Web trailer frame, Connect end-stream message) differs, and Connect writes it.
- */
-const BINARY_STREAM = /^application\/(grpc|grpc\+proto|grpc-web|grpc-web\+proto|connect\+proto)(;|$)/i;
 
 /** Connect's default compressMinBytes (the routers do not change it): smaller messages go uncompressed. */
 const CONNECT_COMPRESS_MIN_BYTES = 1024;
@@ -37,7 +32,7 @@ export function streamOutput<Desc extends DescMessage>(ctx: HandlerContext, sche
   if (res === undefined) return undefined;
   // The client's own content type: a gRPC-Web text request reaches Connect as binary (grpc-web-text.ts),
   // but its response must pass through the text encoding, so it is never written here.
-  const binary = BINARY_STREAM.test(res.req.headers["content-type"] ?? "");
+  const binary = ENVELOPED_BINARY.test(res.req.headers["content-type"] ?? "");
   const compressed = ctx.responseHeader.has("grpc-encoding") || ctx.responseHeader.has("connect-content-encoding");
   return {
     write(message) {

@@ -81,3 +81,12 @@ export class StreamReader<T> {
     for (const wake of waiters) wake();
   }
 }
+
+/** Waits until condition() holds, polling; throws after timeoutMs. */
+export async function until(condition: () => boolean, timeoutMs = 5000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error("condition not met in time");
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}

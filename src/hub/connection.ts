@@ -276,9 +276,9 @@ export class HubConnection {
   }
 
   /**
-   * Sends an event (not heartbeats, nor a ReadUpdated that is no news here): true when the socket can take more at once, else a
-   * promise that resolves when this event has been written (or the socket closed), so a slow client
-   * that has fallen behind holds back its own stream and nothing else.
+   * Sends an event (not heartbeats, nor a ReadUpdated that is no news here): true when the socket can
+   * take more at once, else a promise that resolves when this event has been written (or the socket
+   * closed), so a slow client that has fallen behind holds back its own stream and nothing else.
    */
   private sendEvent(notification: Notification): true | Promise<void> {
     const text = eventInvocation(notification);

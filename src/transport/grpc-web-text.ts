@@ -1,12 +1,10 @@
+// gRPC-Web's text mode (`application/grpc-web-text`): the binary gRPC-Web body in base64. Google's
+// grpc-web client uses it by default, and needs it for server streams. Connect serves only the binary
+// form, so a text request is decoded into it on the way in and its response encoded on the way out;
+// in between it is the same gRPC-Web call through the same handler.
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { UniversalServerRequest, UniversalServerResponse } from "@connectrpc/connect/protocol";
 
-/**
- * gRPC-Web's text mode (`application/grpc-web-text`): the binary gRPC-Web body in base64. Google's
- * grpc-web client uses it by default, and needs it for server streams. Connect serves only the binary
- * form, so a text request is decoded into it on the way in and its response encoded on the way out;
- * in between it is the same gRPC-Web call through the same handler.
- */
 const BINARY_CONTENT_TYPE = "application/grpc-web+proto";
 const TEXT_CONTENT_TYPE = "application/grpc-web-text+proto";
 

@@ -4,8 +4,8 @@ import { create, fromBinary, toBinary, toJson, type DescMessage, type MessageSha
 import { GrpcWebClientBase, MethodDescriptor, type ClientReadableStream } from "grpc-web";
 import { ChatSchema, CreateChatRequestSchema, CreateChatResponseSchema } from "../../gen/parley/v1/chat_pb.js";
 import { NotificationSchema, SubscribeRequestSchema, type Notification } from "../../gen/parley/v1/notification_pb.js";
+import { Inbox, type Json } from "./inbox.js";
 
-type Json = ReturnType<typeof toJson>;
 
 /** grpc-web calls a message's serializer and the response's deserializer; protobuf-es provides both. */
 function method<I extends DescMessage, O extends DescMessage>(path: string, kind: "unary" | "server_streaming", input: I, output: O) {
@@ -22,8 +22,7 @@ const subscribeMethod = method("/parley.v1.NotificationService/Subscribe", "serv
 const client = new GrpcWebClientBase({ format: "text" });
 let target: { baseUrl: string; metadata: { authorization: string } } | undefined;
 let stream: ClientReadableStream<Notification> | undefined;
-const events: Json[] = [];
-let streamError: string | undefined;
+const inbox = new Inbox();
 
 const probe = {
   /** Opens Subscribe; resolves with the first notification (Ready). */
@@ -31,19 +30,12 @@ const probe = {
     target = { baseUrl, metadata: { authorization: `Bearer ${token}` } };
     stream = client.serverStreaming(`${baseUrl}${subscribeMethod.getName()}`,
       create(SubscribeRequestSchema, { includeMessages: true }), target.metadata, subscribeMethod);
-    stream.on("data", (n) => events.push(toJson(NotificationSchema, n)));
-    stream.on("error", (error) => (streamError = `${error.code} ${error.message}`));
+    stream.on("data", (n) => inbox.push(toJson(NotificationSchema, n)));
+    stream.on("error", (error) => inbox.fail(`${error.code} ${error.message}`));
     return probe.nextEvent(5000);
   },
-  async nextEvent(timeoutMs: number): Promise<Json> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const event = events.shift();
-      if (event !== undefined) return event;
-      if (streamError !== undefined) throw new Error(`stream ended: ${streamError}`);
-      if (Date.now() > deadline) throw new Error(`no notification within ${timeoutMs} ms`);
-      await new Promise((resolve) => setTimeout(resolve, 10));
-    }
+  nextEvent(timeoutMs: number): Promise<Json> {
+    return inbox.next(timeoutMs);
   },
   async createChat(name: string, memberIds: string[]): Promise<Json> {
     if (!target) throw new Error("call start() first");

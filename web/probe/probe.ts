@@ -6,8 +6,7 @@ import { createConnectTransport, createGrpcWebTransport } from "@connectrpc/conn
 import { ChatSchema, ChatService } from "../../gen/parley/v1/chat_pb.js";
 import { ListMessagesResponseSchema, MessageSchema, MessageService } from "../../gen/parley/v1/message_pb.js";
 import { NotificationSchema, NotificationService } from "../../gen/parley/v1/notification_pb.js";
-
-type Json = ReturnType<typeof toJson>;
+import { Inbox, type Json } from "./inbox.js";
 
 /** Every request the transports made, with its content type: proves which protocol was spoken. */
 const requests: { path: string; contentType: string }[] = [];
@@ -32,8 +31,7 @@ function clients(baseUrl: string, token: string, protocol: "connect" | "grpc-web
 }
 
 let api: ReturnType<typeof clients> | undefined;
-const events: Json[] = [];
-let streamError: string | undefined;
+const inbox = new Inbox();
 const stop = new AbortController();
 
 function connected() {
@@ -49,23 +47,15 @@ const probe = {
     const stream = api.notifications.subscribe({ includeMessages: true }, { signal: stop.signal });
     void (async () => {
       try {
-        for await (const n of stream) events.push(toJson(NotificationSchema, n));
+        for await (const n of stream) inbox.push(toJson(NotificationSchema, n));
       } catch (error) {
-        streamError = String(error);
+        inbox.fail(String(error));
       }
     })();
     return probe.nextEvent(5000);
   },
-  /** The next notification, waiting up to timeoutMs; rejects with the stream's error if it ended. */
-  async nextEvent(timeoutMs: number): Promise<Json> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const event = events.shift();
-      if (event !== undefined) return event;
-      if (streamError !== undefined) throw new Error(`stream ended: ${streamError}`);
-      if (Date.now() > deadline) throw new Error(`no notification within ${timeoutMs} ms`);
-      await new Promise((resolve) => setTimeout(resolve, 10));
-    }
+  nextEvent(timeoutMs: number): Promise<Json> {
+    return inbox.next(timeoutMs);
   },
   async createChat(name: string, memberIds: string[]): Promise<Json> {
     const { chat } = await connected().chats.createChat({ name, memberIds });

@@ -711,6 +711,11 @@ test("ListMessages - start_time inclusive, end_time exclusive, in both orders", 
   const ms = times[1]! + 1;
   const justAfter = { seconds: String(Math.floor(ms / 1000)), nanos: (ms % 1000) * 1e6 };
   assert.equal(await list({ startTime: justAfter, order: "ORDER_OLDEST_FIRST" }), [3, 4, 5]);
+  // The ends of Timestamp's range are valid bounds (the last nanosecond of 9999 rounds past the year).
+  const first = { seconds: "-62135596800", nanos: 0 };
+  const last = { seconds: "253402300799", nanos: 999_999_999 };
+  assert.equal(await list({ startTime: first, endTime: last, order: "ORDER_OLDEST_FIRST" }), [1, 2, 3, 4, 5]);
+  assert.equal(await list({ startTime: last }), []);
 });
 
 test("GetMessage - returns the message; wrong chat, unknown id, other tenant → NOT_FOUND", async () => {

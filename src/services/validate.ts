@@ -10,6 +10,8 @@ export const MAX_NAME_LENGTH = 200;
 export const MAX_CLIENT_MESSAGE_ID_LENGTH = 64;
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+/** 9999-12-31T23:59:59.999Z, the last stored time a google.protobuf.Timestamp can name. */
+const LAST_MILLISECOND = 253402300799999;
 
 /** Collects every bad field of a request, then throws them together as one INVALID_ARGUMENT. */
 export class RequestCheck {
@@ -72,8 +74,9 @@ export class RequestCheck {
       this.fail(field, "not a valid timestamp");
       return undefined;
     }
-    // Stored times have millisecond precision: rounding up keeps both bounds exact ("t >= start", "t < end").
-    return new Date(seconds * 1000 + Math.ceil(value.nanos / 1_000_000));
+    // Stored times have millisecond precision: rounding up keeps both bounds exact ("t >= start", "t < end"),
+    // except in the last millisecond of 9999, which must not round into a year PostgreSQL cannot parse.
+    return new Date(Math.min(seconds * 1000 + Math.ceil(value.nanos / 1_000_000), LAST_MILLISECOND));
   }
 
   /** Throws INVALID_ARGUMENT naming every bad field seen so far. */

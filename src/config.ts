@@ -1,3 +1,4 @@
+import net from "node:net";
 import path from "node:path";
 
 /** Everything Parley reads from the environment, validated once at start-up. */
@@ -107,7 +108,7 @@ export function loadConfig(env: Env = process.env): Config {
   }
   const developmentMode = !production && secret === undefined && jwksFile === undefined;
   return {
-    host: optional(env, "PARLEY_HOST") ?? "0.0.0.0",
+    host: host(optional(env, "PARLEY_HOST") ?? "0.0.0.0"),
     port: integer(env, "PARLEY_PORT", 8080, 0, 65535),
     production,
     dataDir: path.resolve(optional(env, "PARLEY_DATA_DIR") ?? "./data"),
@@ -157,6 +158,14 @@ function origins(raw: string): string[] {
     }
     return url.origin;
   });
+}
+
+/** An IP address or a host name (RFC 1123); whether it resolves and is local shows when Parley listens. */
+function host(value: string): string {
+  const hostName = /^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$/;
+  const looksNumeric = /^[\d.]+$/.test(value);
+  if (net.isIP(value) || (!looksNumeric && hostName.test(value))) return value;
+  throw new ConfigError(`PARLEY_HOST is not an IP address or host name: "${value}"`);
 }
 
 function optional(env: Env, name: string): string | undefined {

@@ -213,7 +213,7 @@ export async function startServer(config: Config, log: Logger = createLogger(con
     });
   });
   await new Promise<void>((resolve, reject) => {
-    server.once("error", reject);
+    server.once("error", (error) => reject(new Error(`cannot listen on ${config.host}:${config.port} (PARLEY_HOST, PARLEY_PORT): ${error.message}`)));
     server.listen(config.port, config.host, () => resolve());
   });
   const address = server.address() as net.AddressInfo;

@@ -607,24 +607,46 @@ test("auth - NODE_ENV=production without a key refuses to start with a one-line 
   }
 });
 
-test("auth - DATABASE_URL=not-a-url refuses to start with a one-line error naming DATABASE_URL", async () => {
-  const dataDir = await fs.mkdtemp(path.join(os.tmpdir(), "parley-auth-dburl-"));
-  const server = spawnNode(
-    ["src/main.ts"],
-    childEnv({ DATABASE_URL: "not-a-url", PARLEY_JWT_SECRET: TEST_SECRET, PARLEY_PORT: "0", PARLEY_HOST: "127.0.0.1", PARLEY_DATA_DIR: dataDir }),
-  );
-  try {
-    const { code } = await withTimeout(server.exit, 30_000, "start with a bad DATABASE_URL must exit");
-    assert.ok(code !== 0 && code !== null, `exit code ${code}`);
-    const lines = nonEmptyLines(server.stderr());
-    assert.is(lines.length, 1, `expected one line on stderr, got: ${JSON.stringify(server.stderr())}`);
-    assert.ok(lines[0]!.includes("DATABASE_URL"), `the message names DATABASE_URL: ${lines[0]}`);
-    assert.not.ok(/\n\s+at /.test(server.stderr() + server.stdout()), "no stack trace");
-    assert.not.match(server.stdout(), /parley listening/);
-  } finally {
-    await killChild(server.child);
-    await fs.rm(dataDir, { recursive: true, force: true });
-  }
-});
+/** Settings that must stop the start-up with exit code 2 and one line naming the variable (with a valid key otherwise). */
+const refusedSettings: { what: string; variable: string; env?: Record<string, string>; jwks?: () => Promise<object> }[] = [
+  { what: "DATABASE_URL=not-a-url", variable: "DATABASE_URL", env: { DATABASE_URL: "not-a-url" } },
+  { what: "a PARLEY_HOST that is no host name", variable: "PARLEY_HOST", env: { PARLEY_HOST: "not a host!" } },
+  { what: "a PARLEY_HOST that is no IP address", variable: "PARLEY_HOST", env: { PARLEY_HOST: "999.1.1.1" } },
+  { what: "a JWKS without keys", variable: "PARLEY_JWKS_FILE", jwks: async () => ({ keys: [] }) },
+  { what: "a JWKS with only a symmetric key", variable: "PARLEY_JWKS_FILE", jwks: async () => ({ keys: [{ kty: "oct", k: "c2VjcmV0", kid: "s" }] }) },
+  {
+    what: "a JWKS with two keys under one kid",
+    variable: "PARLEY_JWKS_FILE",
+    jwks: async () => {
+      const keys = await Promise.all([1, 2].map(async () => ({ ...(await exportJWK((await generateKeyPair("ES256")).publicKey)), kid: "same" })));
+      return { keys };
+    },
+  },
+];
+
+for (const { what, variable, env = {}, jwks } of refusedSettings) {
+  test(`auth - ${what} refuses to start: exit code 2, one line naming ${variable}`, async () => {
+    const dataDir = await fs.mkdtemp(path.join(os.tmpdir(), "parley-auth-refused-"));
+    const key: Record<string, string> = { PARLEY_JWT_SECRET: TEST_SECRET };
+    if (jwks) {
+      key.PARLEY_JWKS_FILE = path.join(dataDir, "jwks.json");
+      key.PARLEY_JWT_SECRET = "";
+      await fs.writeFile(key.PARLEY_JWKS_FILE, JSON.stringify(await jwks()));
+    }
+    const server = spawnNode(["src/main.ts"], childEnv({ ...key, PARLEY_PORT: "0", PARLEY_HOST: "127.0.0.1", PARLEY_DATA_DIR: dataDir, ...env }));
+    try {
+      const { code } = await withTimeout(server.exit, 30_000, `start with ${what} must exit`);
+      assert.is(code, 2);
+      const lines = nonEmptyLines(server.stderr());
+      assert.is(lines.length, 1, `expected one line on stderr, got: ${JSON.stringify(server.stderr())}`);
+      assert.ok(lines[0]!.includes(variable), `the message names ${variable}: ${lines[0]}`);
+      assert.not.ok(/\n\s+at /.test(server.stderr() + server.stdout()), "no stack trace");
+      assert.not.match(server.stdout(), /parley listening/);
+    } finally {
+      await killChild(server.child);
+      await fs.rm(dataDir, { recursive: true, force: true });
+    }
+  });
+}
 
 test.run();

@@ -21,6 +21,23 @@ export function isValidUserId(id: string): boolean {
   return length >= 1 && length <= 128 && !CONTROL_CHARACTER.test(id);
 }
 
+/**
+ * A JWKS from an identity provider may hold keys for other uses, which are ignored; but with no key
+ * Parley can verify with, every token would be refused, and two keys under one kid make the choice
+ * ambiguous: both stop the start-up instead.
+ */
+function checkUsableKeys(keys: { kty?: unknown; crv?: unknown; kid?: unknown; use?: unknown }[]): void {
+  const usable = keys.filter((key) =>
+    (key.use === undefined || key.use === "sig") &&
+    (key.kty === "RSA" || (key.kty === "EC" && key.crv === "P-256") || (key.kty === "OKP" && key.crv === "Ed25519")));
+  if (usable.length === 0) {
+    throw new ConfigError("PARLEY_JWKS_FILE has no signing key Parley can use (RSA, EC P-256 or Ed25519)");
+  }
+  const kids = usable.map((key) => key.kid).filter((kid) => kid !== undefined);
+  const repeated = kids.find((kid, i) => kids.indexOf(kid) !== i);
+  if (repeated !== undefined) throw new ConfigError(`PARLEY_JWKS_FILE has more than one key with kid "${String(repeated)}"`);
+}
+
 /** Verifies bearer tokens: HS256 with a secret, or RS256/ES256/EdDSA with a JWKS file. */
 export class TokenVerifier {
   private readonly verified = new Map<string, { caller: Caller; untilMs: number }>();
@@ -42,6 +59,7 @@ export class TokenVerifier {
         throw new ConfigError(`PARLEY_JWKS_FILE cannot be read as JSON: ${(error as Error).message}`);
       }
       if (!Array.isArray(jwks?.keys)) throw new ConfigError("PARLEY_JWKS_FILE must hold a JWKS: {\"keys\": [...]}");
+      checkUsableKeys(jwks.keys);
       return new TokenVerifier(createLocalJWKSet(jwks), ["RS256", "ES256", "EdDSA"], issuer, audience);
     }
     let secret = config.jwt.secret;

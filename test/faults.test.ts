@@ -774,6 +774,35 @@ it("slow consumers - a Subscribe client that falls behind but reads again within
   }
 });
 
+it("slow consumers - a Subscribe client that reads nothing holds no slot, also when its stream ended in-band, and learns RESOURCE_EXHAUSTED when it reads", async () => {
+  // A small queue and small messages: the queue overflows while the client's 64 KiB window still takes
+  // writes, so the stream can end with its error written into a transport the client does not read.
+  const server = await startTestServer({ ...NO_RATE_LIMIT, PARLEY_HEARTBEAT_SECONDS: "3600", PARLEY_STREAM_QUEUE_LIMIT: "5" });
+  const tenant = uniqueTenant("inband");
+  const alice = await user(server.url, tenant, "alice", "connect-http2");
+  const { chat } = await alice.chats.createChat({ name: "small messages", memberIds: ["mallory"] });
+  const stuck = new RawGrpcStream(server.url, "/parley.v1.NotificationService/Subscribe", await tokenFor(tenant, "mallory"),
+    toBinary(SubscribeRequestSchema, create(SubscribeRequestSchema, { includeMessages: true })), NotificationSchema, 65_535);
+  try {
+    await until("the subscriber's Ready", () => stuck.items.length > 0, 10_000);
+    stuck.pause();
+    let sent = 0;
+    await Promise.all(Array.from({ length: 16 }, async () => {
+      while (sent < 1000) await alice.messages.sendMessage({ chatId: chat!.id, text: `${++sent} ${"p".repeat(2000)}` });
+    }));
+    await until("the stream's slot is free while its client reads nothing", async () => (await openSubscribeStreams(server)) === 0, 8000);
+    stuck.resume();
+    await until("the stream ends once read", () => stuck.closed, 8000);
+    const outcome = stuck.rstCode === http2.constants.NGHTTP2_ENHANCE_YOUR_CALM ? "reset" : `grpc-status ${stuck.grpcStatus}`;
+    assert.ok(outcome === "reset" || stuck.grpcStatus === "8", `RESOURCE_EXHAUSTED, by reset or in-band: got ${outcome} (rst ${stuck.rstCode})`);
+    const delivered = stuck.items.filter((n) => n.event.case === "messageCreated").length;
+    assert.ok(delivered < 1000, `it did not get all 1,000 events (got ${delivered})`);
+  } finally {
+    stuck.close();
+    await server.destroy();
+  }
+});
+
 it("slow consumers - a Subscribe client that pauses within its queue limit gets every event in order once it reads again, also events sent meanwhile", async () => {
   const server = await startTestServer({ ...NO_RATE_LIMIT, PARLEY_HEARTBEAT_SECONDS: "3600" });
   let paused: RawGrpcStream<typeof NotificationSchema> | undefined;

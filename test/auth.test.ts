@@ -580,6 +580,13 @@ test("auth - development mode: no key and no NODE_ENV starts, creates a secret, 
     const { chat } = await parleyClient(url, token).chats.createChat({ name: "dev" });
     assert.is(chat!.creatorId, "devuser");
 
+    // Claims the server would refuse are refused by the CLI (exit 2), not signed.
+    for (const args of [["--tenant", "bad.tenant", "--user", "devuser"], ["--tenant", "devtenant", "--user", "bad\u0001user"]]) {
+      const refused = spawnNode(["src/cli/token.ts", ...args], env);
+      assert.is((await withTimeout(refused.exit, 30_000, "token CLI")).code, 2, args.join(" "));
+      assert.is(refused.stdout().trim(), "", "no token printed");
+    }
+
     // Tokens signed with any other secret are still rejected in development mode.
     await expectUnauthenticated(url, `Bearer ${await tokenFor("devtenant", "devuser")}`, "test secret against the dev server");
     await expectUnauthenticated(url, undefined, "no header against the dev server");

@@ -16,6 +16,10 @@ const MAX_TOKEN_LENGTH = 8192;
 const CACHE_MS = 5 * 60_000;
 const CACHE_ENTRIES = 10_000;
 
+export function isValidTenantId(id: string): boolean {
+  return TENANT_PATTERN.test(id);
+}
+
 export function isValidUserId(id: string): boolean {
   const length = [...id].length;
   return length >= 1 && length <= 128 && !CONTROL_CHARACTER.test(id);
@@ -104,7 +108,7 @@ export class TokenVerifier {
       throw new UnauthenticatedError(error instanceof errors.JWTExpired ? "token expired" : "invalid token");
     }
     const { sub, tid } = payload as { sub?: unknown; tid?: unknown };
-    if (typeof tid !== "string" || !TENANT_PATTERN.test(tid)) throw new UnauthenticatedError("invalid tid claim");
+    if (typeof tid !== "string" || !isValidTenantId(tid)) throw new UnauthenticatedError("invalid tid claim");
     if (typeof sub !== "string" || !isValidUserId(sub)) throw new UnauthenticatedError("invalid sub claim");
     const expiresAtMs = typeof payload.exp === "number" ? payload.exp * 1000 : Infinity;
     return { caller: { tenantId: tid, userId: sub }, expiresAtMs };

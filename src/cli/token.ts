@@ -3,12 +3,16 @@ import { parseArgs } from "node:util";
 import { SignJWT } from "jose";
 import { ConfigError, loadConfig } from "../config.js";
 import { loadDevSecret } from "../auth/dev-secret.js";
+import { isValidTenantId, isValidUserId } from "../auth/token-verifier.js";
 
 try {
   const { values } = parseArgs({
     options: { tenant: { type: "string" }, user: { type: "string" }, ttl: { type: "string", default: "86400" } },
   });
   if (!values.tenant || !values.user) throw new ConfigError("usage: npm run token -- --tenant T --user U [--ttl SECONDS]");
+  // The server would refuse a token with these claims.
+  if (!isValidTenantId(values.tenant)) throw new ConfigError("--tenant must match ^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$");
+  if (!isValidUserId(values.user)) throw new ConfigError("--user must be 1-128 characters without control characters");
   const ttl = Number(values.ttl);
   if (!Number.isInteger(ttl) || ttl <= 0) throw new ConfigError("--ttl must be a positive number of seconds");
   const config = loadConfig();

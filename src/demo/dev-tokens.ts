@@ -1,9 +1,8 @@
 import { SignJWT } from "jose";
 import { loadDevSecret } from "../auth/dev-secret.js";
-import { isValidUserId } from "../auth/token-verifier.js";
+import { isValidTenantId, isValidUserId } from "../auth/token-verifier.js";
 import type { Config } from "../config.js";
 
-const TENANT_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$/;
 const TTL_SECONDS = 12 * 3600;
 
 export class DevTokenError extends Error {}
@@ -25,7 +24,7 @@ export class DevTokens {
   }
 
   async issue(tenant: unknown, user: unknown): Promise<{ token: string; expiresInSeconds: number }> {
-    if (typeof tenant !== "string" || !TENANT_PATTERN.test(tenant)) {
+    if (typeof tenant !== "string" || !isValidTenantId(tenant)) {
       throw new DevTokenError("tenant must match ^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$");
     }
     if (typeof user !== "string" || !isValidUserId(user)) {

@@ -11,7 +11,7 @@ export async function withDeadline<T>(promise: PromiseLike<T>, ms: number, what:
     return await Promise.race([
       promise,
       new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new UnavailableError(`${what}: no answer within ${ms} ms`)), ms);
+        timer = setTimeout(() => reject(new UnavailableError(`${what} gave no answer within ${ms} ms`)), ms);
       }),
     ]);
   } finally {

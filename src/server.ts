@@ -229,7 +229,7 @@ export async function startServer(config: Config, log: Logger = createLogger(con
       closing ??= (async () => {
         log.info("shutting down");
         const stopped = new Promise<void>((resolve) => server.close(() => resolve()));
-        const unavailable = new ConnectError("server shutting down, reconnect", Code.Unavailable);
+        const unavailable = new ConnectError("server shutting down (reconnect)", Code.Unavailable);
         shutdown.abort(unavailable);
         streamSlots.closeAll(unavailable);
         // Streams end at once; one still open a moment later has a client that stopped reading.

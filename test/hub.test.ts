@@ -511,7 +511,7 @@ test("hub - pings every keepalive interval, idle clients time out, automatic rec
     fast = await fast.restart();
     assert.is(fast.url, `http://127.0.0.1:${port}`);
     const goodbye = await observer.nextOfType(7);
-    assert.equal(goodbye, { type: 7, error: "unavailable: server shutting down, reconnect", allowReconnect: true });
+    assert.equal(goodbye, { type: 7, error: "unavailable: server shutting down (reconnect)", allowReconnect: true });
     assert.is(bob.connection.state, "Reconnecting");
 
     // While bob is away: new messages and a new chat with him in it.
@@ -556,7 +556,7 @@ test("hub - a failed notification stream closes the connection with its error; h
       yield create(NotificationSchema, { event: { case: "ready", value: {} } });
       yield create(NotificationSchema, { event: { case: "heartbeat", value: {} } });
       await new Promise((resolve) => setTimeout(resolve, 50));
-      throw new ResourceExhaustedError("stream closed: the client fell more than 1000 events behind; resubscribe and catch up");
+      throw new ResourceExhaustedError("stream closed, the client fell more than 1000 events behind (resubscribe and catch up)");
     },
   };
   const http1 = http.createServer((req, res) => {
@@ -579,7 +579,7 @@ test("hub - a failed notification stream closes the connection with its error; h
     assert.equal(await raw.next(), { type: 1, target: "Ready", arguments: [{}] });
     assert.equal(await raw.next(), {
       type: 7,
-      error: "resource_exhausted: stream closed: the client fell more than 1000 events behind; resubscribe and catch up",
+      error: "resource_exhausted: stream closed, the client fell more than 1000 events behind (resubscribe and catch up)",
       allowReconnect: true,
     });
     await raw.waitClosed();

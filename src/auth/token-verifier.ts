@@ -82,7 +82,7 @@ export class TokenVerifier {
   /** Verifies an `authorization` header value ("Bearer <jwt>") and returns the caller it names. */
   async verifyHeader(header: string | null | undefined): Promise<Caller> {
     const match = /^Bearer +(\S+)\s*$/i.exec(header ?? "");
-    if (!match) throw new UnauthenticatedError("missing bearer token (authorization: Bearer <JWT>)");
+    if (!match) throw new UnauthenticatedError("missing bearer token (send the authorization header as Bearer <JWT>)");
     return this.verify(match[1]!);
   }
 

@@ -89,7 +89,7 @@ export class HubConnection {
     this.draining = true;
     this.ws.resume();
     await Promise.race([this.invocations, this.closed]);
-    this.end("unavailable: server shutting down, reconnect", true, 1001, "server shutting down");
+    this.end("unavailable: server shutting down (reconnect)", true, 1001, "server shutting down");
     await this.closed;
   }
 
@@ -238,7 +238,7 @@ export class HubConnection {
         if (sent !== true) await sent;
         if (signal.aborted) return;
       }
-      if (!signal.aborted) this.end("unavailable: notification stream ended, reconnect", true, 1011, "stream ended");
+      if (!signal.aborted) this.end("unavailable: notification stream ended (reconnect)", true, 1011, "stream ended");
     } catch (error) {
       if (signal.aborted) return;
       this.end(errorText(error, this.log), true, 1011, "notification stream failed");

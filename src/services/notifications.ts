@@ -60,9 +60,9 @@ export class Notifications {
   async *subscribe(caller: Caller, req: SubscribeRequest, signal: AbortSignal, output: StreamOutput<Notification> = {}): AsyncGenerator<Notification> {
     const { tenantId, userId } = caller;
     // Ready promises that nothing is missed: not while the bus is down.
-    if (!this.fanout.connected) throw new UnavailableError("event bus unavailable; retry shortly");
+    if (!this.fanout.connected) throw new UnavailableError("event bus unavailable (retry shortly)");
     const fellBehind = () => new ResourceExhaustedError(
-      `stream closed: the client fell more than ${this.limits.queueLimit} events behind; resubscribe and catch up`,
+      `stream closed, the client fell more than ${this.limits.queueLimit} events behind (resubscribe and catch up)`,
     );
     let stalled: NodeJS.Timeout | undefined;
     const queue = new EventQueue<Notification>(this.limits.queueLimit, () => {
@@ -107,7 +107,7 @@ export class Notifications {
         for (const event of held) deliverLive(chat, event);
       } catch (error) {
         // Without storage the stream cannot promise it missed nothing: the client resubscribes.
-        if (!signal.aborted) queue.fail(new UnavailableError(`cannot catch up on a joined chat: ${(error as Error).message}`));
+        if (!signal.aborted) queue.fail(new UnavailableError(`cannot catch up on a joined chat (${(error as Error).message})`));
       }
     };
     const stopListeningToChat = (chatId: string) => {
@@ -122,7 +122,7 @@ export class Notifications {
       queue.push(event);
     });
     const stopWatchingBus = this.fanout.onConnectionChange((connected) => {
-      if (!connected) queue.fail(new UnavailableError("event bus connection lost; resubscribe and catch up"));
+      if (!connected) queue.fail(new UnavailableError("event bus connection lost (resubscribe and catch up)"));
     });
     this.metrics.activeStreams.inc({ kind: "subscribe" });
     const heartbeat = setInterval(

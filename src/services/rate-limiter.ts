@@ -20,7 +20,7 @@ export class RateLimiter {
     if (bucket.tokens < 1) {
       this.buckets.set(key, bucket);
       const waitMs = Math.ceil(((1 - bucket.tokens) / this.ratePerSecond) * 1000);
-      throw new ResourceExhaustedError(`send rate limit of ${this.ratePerSecond}/s exceeded`, waitMs);
+      throw new ResourceExhaustedError(`send rate limit of ${this.ratePerSecond} per second exceeded`, waitMs);
     }
     bucket.tokens -= 1;
     this.buckets.set(key, bucket);

@@ -23,7 +23,7 @@ export class StreamSlots {
     const key = `${caller.tenantId}\u0000${caller.userId}`;
     const count = this.open.get(key) ?? 0;
     if (count >= this.maxPerUser) {
-      throw new ResourceExhaustedError(`at most ${this.maxPerUser} concurrent streams per user; close one first`);
+      throw new ResourceExhaustedError(`at most ${this.maxPerUser} concurrent streams per user (close one first)`);
     }
     this.open.set(key, count + 1);
     const slot: Slot = { end, cutOff };

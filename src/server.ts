@@ -274,7 +274,8 @@ function unimplemented(res: http.ServerResponse | http2.Http2ServerResponse, fla
   // Headers set, not written: end() then sends them with the end of the stream (HTTP/2 trailers-only).
   res.setHeader("content-type", responseContentTypes[flavour]);
   res.setHeader("grpc-status", String(Code.Unimplemented));
-  res.setHeader("grpc-message", encodeURIComponent(`unknown method ${path}`));
+  // Percent-encoded as gRPC has it (only "%" and what is not printable ASCII), so clients show it as is.
+  res.setHeader("grpc-message", `unknown method ${path}`.replace(/[^\x20-\x24\x26-\x7e]/g, encodeURIComponent));
   res.end();
 }
 

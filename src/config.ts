@@ -160,9 +160,16 @@ function origins(raw: string): string[] {
   });
 }
 
-/** An IP address or a host name (RFC 1123); whether it resolves and is local shows when Parley listens. */
+/**
+ * An IP address (IPv6 with or without brackets) or a host name (letters, digits, "-" and "_", as
+ * container names have them, with an optional final dot); whether it resolves to a local address
+ * shows when Parley listens.
+ */
 function host(value: string): string {
-  const hostName = /^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$/;
+  const unbracketed = /^\[(.*)\]$/.exec(value)?.[1];
+  if (unbracketed !== undefined && net.isIPv6(unbracketed)) return unbracketed;
+  const label = "[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?";
+  const hostName = new RegExp(`^(?=.{1,254}$)${label}(\\.${label})*\\.?$`);
   const looksNumeric = /^[\d.]+$/.test(value);
   if (net.isIP(value) || (!looksNumeric && hostName.test(value))) return value;
   throw new ConfigError(`PARLEY_HOST is not an IP address or host name: "${value}"`);

@@ -94,7 +94,7 @@ export function toConnectError(error: unknown, log: Logger): ConnectError {
     const misconfigured = misconfigurationCodes.has((error as { code?: string }).code ?? "");
     if (misconfigured) log.error({ err: describe(error) }, "database refuses Parley's connection: check DATABASE_URL");
     else log.warn({ err: describe(error) }, "dependency unavailable");
-    return new ConnectError("service temporarily unavailable, retry", Code.Unavailable);
+    return new ConnectError("service temporarily unavailable (retry)", Code.Unavailable);
   }
   log.error({ err: error }, "internal error");
   return new ConnectError("internal error", Code.Internal);

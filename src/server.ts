@@ -1,6 +1,6 @@
 import http from "node:http";
 import http2 from "node:http2";
-import type net from "node:net";
+import net from "node:net";
 import { Code, ConnectError, createConnectRouter, createContextValues } from "@connectrpc/connect";
 import { compressionBrotli, compressionGzip, universalRequestFromNodeRequest, universalResponseToNodeResponse } from "@connectrpc/connect-node";
 import type { UniversalHandler } from "@connectrpc/connect/protocol";
@@ -213,7 +213,10 @@ export async function startServer(config: Config, log: Logger = createLogger(con
     });
   });
   await new Promise<void>((resolve, reject) => {
-    server.once("error", (error) => reject(new Error(`cannot listen on ${config.host}:${config.port} (PARLEY_HOST, PARLEY_PORT): ${error.message}`)));
+    server.once("error", (error) => {
+      const address = net.isIPv6(config.host) ? `[${config.host}]:${config.port}` : `${config.host}:${config.port}`;
+      reject(new Error(`cannot listen on ${address} (PARLEY_HOST, PARLEY_PORT): ${error.message}`, { cause: error }));
+    });
     server.listen(config.port, config.host, () => resolve());
   });
   const address = server.address() as net.AddressInfo;

@@ -13,6 +13,7 @@ import * as assert from "uvu/assert";
 import { ChatService } from "../gen/parley/v1/chat_pb.js";
 import { MessageService } from "../gen/parley/v1/message_pb.js";
 import { NotificationService } from "../gen/parley/v1/notification_pb.js";
+import { loadConfig } from "../src/config.js";
 import { parleyClient } from "./support/clients.js";
 import { startTestServer, TEST_SECRET, tokenFor, uniqueTenant, type TestServer } from "./support/server.js";
 
@@ -614,6 +615,17 @@ test("auth - NODE_ENV=production without a key refuses to start with a one-line 
   }
 });
 
+test("auth - PARLEY_HOST takes IP addresses (IPv6 also in brackets) and host names, container names included", () => {
+  const hostOf = (value: string) => loadConfig({ PARLEY_HOST: value, PARLEY_JWT_SECRET: TEST_SECRET }).host;
+  for (const value of ["0.0.0.0", "127.0.0.1", "::", "::1", "localhost", "my-host.internal", "parley_api", "host.example."]) {
+    assert.is(hostOf(value), value);
+  }
+  assert.is(hostOf("[::1]"), "::1");
+  for (const value of ["not a host!", "999.1.1.1", "[localhost]", "-bad", "a..b"]) {
+    assert.throws(() => hostOf(value), /PARLEY_HOST/, value);
+  }
+});
+
 /** Settings that must stop the start-up with exit code 2 and one line naming the variable (with a valid key otherwise). */
 const refusedSettings: { what: string; variable: string; env?: Record<string, string>; jwks?: () => Promise<object> }[] = [
   { what: "DATABASE_URL=not-a-url", variable: "DATABASE_URL", env: { DATABASE_URL: "not-a-url" } },
@@ -621,6 +633,16 @@ const refusedSettings: { what: string; variable: string; env?: Record<string, st
   { what: "a PARLEY_HOST that is no IP address", variable: "PARLEY_HOST", env: { PARLEY_HOST: "999.1.1.1" } },
   { what: "a JWKS without keys", variable: "PARLEY_JWKS_FILE", jwks: async () => ({ keys: [] }) },
   { what: "a JWKS with only a symmetric key", variable: "PARLEY_JWKS_FILE", jwks: async () => ({ keys: [{ kty: "oct", k: "c2VjcmV0", kid: "s" }] }) },
+  {
+    what: "a JWKS whose only key names another algorithm",
+    variable: "PARLEY_JWKS_FILE",
+    jwks: async () => ({ keys: [{ ...(await exportJWK((await generateKeyPair("ES256")).publicKey)), alg: "ES384", kid: "k" }] }),
+  },
+  {
+    what: "a JWKS holding a private key",
+    variable: "PARLEY_JWKS_FILE",
+    jwks: async () => ({ keys: [{ ...(await exportJWK((await generateKeyPair("ES256", { extractable: true })).privateKey)), kid: "k" }] }),
+  },
   {
     what: "a JWKS with two keys under one kid",
     variable: "PARLEY_JWKS_FILE",

@@ -774,7 +774,7 @@ it("slow consumers - a Subscribe client that falls behind but reads again within
   }
 });
 
-it("slow consumers - a Subscribe client that reads nothing holds no slot, also when its stream ended in-band, and learns RESOURCE_EXHAUSTED when it reads", async () => {
+it("slow consumers - a Subscribe client far behind a small queue holds no slot while it reads nothing, and learns RESOURCE_EXHAUSTED when it reads", async () => {
   // A small queue and small messages: the queue overflows while the client's 64 KiB window still takes
   // writes, so the stream can end with its error written into a transport the client does not read.
   const server = await startTestServer({ ...NO_RATE_LIMIT, PARLEY_HEARTBEAT_SECONDS: "3600", PARLEY_STREAM_QUEUE_LIMIT: "5" });
@@ -795,8 +795,6 @@ it("slow consumers - a Subscribe client that reads nothing holds no slot, also w
     await until("the stream ends once read", () => stuck.closed, 8000);
     const outcome = stuck.rstCode === http2.constants.NGHTTP2_ENHANCE_YOUR_CALM ? "reset" : `grpc-status ${stuck.grpcStatus}`;
     assert.ok(outcome === "reset" || stuck.grpcStatus === "8", `RESOURCE_EXHAUSTED, by reset or in-band: got ${outcome} (rst ${stuck.rstCode})`);
-    const delivered = stuck.items.filter((n) => n.event.case === "messageCreated").length;
-    assert.ok(delivered < 1000, `it did not get all 1,000 events (got ${delivered})`);
   } finally {
     stuck.close();
     await server.destroy();

@@ -398,7 +398,7 @@ test("operations - an unknown method over gRPC and gRPC-Web is UNIMPLEMENTED", a
     const grpcCall = await http2Request(server.url, grpcHeaders(p), envelope(Buffer.alloc(0)));
     assert.is(grpcCall.headers[":status"], 200, p);
     assert.is(grpcStatus(grpcCall), String(grpc.status.UNIMPLEMENTED), p);
-    assert.match(decodeURIComponent(String(grpcCall.headers["grpc-message"])), `unknown method /${p}`);
+    assert.is(grpcCall.headers["grpc-message"], `unknown method /${p}`, "readable as sent, nothing to decode");
     const web = await http1(server.url, "POST", `/${p}`, { "content-type": "application/grpc-web+proto" }, envelope(Buffer.alloc(0)));
     assert.is(web.status, 200, p);
     assert.is(web.headers["grpc-status"], String(grpc.status.UNIMPLEMENTED), p);

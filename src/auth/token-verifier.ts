@@ -25,21 +25,49 @@ export function isValidUserId(id: string): boolean {
   return length >= 1 && length <= 128 && !CONTROL_CHARACTER.test(id);
 }
 
+interface Jwk {
+  kty?: unknown;
+  crv?: unknown;
+  alg?: unknown;
+  kid?: unknown;
+  use?: unknown;
+  key_ops?: unknown;
+  n?: unknown;
+  d?: unknown;
+}
+
+/** The algorithm a JWK verifies for Parley (as jose selects keys), or undefined when it cannot. */
+function algorithmOf(key: Jwk): string | undefined {
+  if (key.use !== undefined && key.use !== "sig") return undefined;
+  if (key.key_ops !== undefined && !(Array.isArray(key.key_ops) && key.key_ops.includes("verify"))) return undefined;
+  const alg = key.kty === "RSA" && typeof key.n === "string" && key.n.length * 6 >= 2040 ? "RS256"
+    : key.kty === "EC" && key.crv === "P-256" ? "ES256"
+    : key.kty === "OKP" && key.crv === "Ed25519" ? "EdDSA"
+    : undefined;
+  return key.alg === undefined || key.alg === alg ? alg : undefined;
+}
+
 /**
- * A JWKS from an identity provider may hold keys for other uses, which are ignored; but with no key
- * Parley can verify with, every token would be refused, and two keys under one kid make the choice
- * ambiguous: both stop the start-up instead.
+ * A JWKS from an identity provider may hold keys for other uses, which are ignored; but a file with no
+ * key Parley can verify with would refuse every token, a private key does not belong in it, and two
+ * keys for one algorithm under one kid make the choice ambiguous: these stop the start-up instead.
  */
-function checkUsableKeys(keys: { kty?: unknown; crv?: unknown; kid?: unknown; use?: unknown }[]): void {
-  const usable = keys.filter((key) =>
-    (key.use === undefined || key.use === "sig") &&
-    (key.kty === "RSA" || (key.kty === "EC" && key.crv === "P-256") || (key.kty === "OKP" && key.crv === "Ed25519")));
-  if (usable.length === 0) {
-    throw new ConfigError("PARLEY_JWKS_FILE has no signing key Parley can use (RSA, EC P-256 or Ed25519)");
+function checkUsableKeys(keys: unknown[]): void {
+  if (!keys.every((key) => typeof key === "object" && key !== null)) throw new ConfigError("PARLEY_JWKS_FILE keys must be JSON objects");
+  if ((keys as Jwk[]).some((key) => key.d !== undefined)) {
+    throw new ConfigError("PARLEY_JWKS_FILE holds a private key: publish only the public keys");
   }
-  const kids = usable.map((key) => key.kid).filter((kid) => kid !== undefined);
-  const repeated = kids.find((kid, i) => kids.indexOf(kid) !== i);
-  if (repeated !== undefined) throw new ConfigError(`PARLEY_JWKS_FILE has more than one key with kid "${String(repeated)}"`);
+  const usable = (keys as Jwk[]).map((key) => ({ kid: key.kid, alg: algorithmOf(key) })).filter((key) => key.alg !== undefined);
+  if (usable.length === 0) {
+    throw new ConfigError("PARLEY_JWKS_FILE has no signing key Parley can use (RS256 with 2048 bits or more, ES256, EdDSA with Ed25519)");
+  }
+  const seen = new Set<string>();
+  for (const { kid, alg } of usable) {
+    if (kid === undefined) continue;
+    const name = `${alg} key with kid ${JSON.stringify(kid)}`;
+    if (seen.has(name)) throw new ConfigError(`PARLEY_JWKS_FILE has more than one ${name}`);
+    seen.add(name);
+  }
 }
 
 /** Verifies bearer tokens: HS256 with a secret, or RS256/ES256/EdDSA with a JWKS file. */

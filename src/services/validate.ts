@@ -75,7 +75,7 @@ export class RequestCheck {
       return undefined;
     }
     // Stored times have millisecond precision: rounding up keeps both bounds exact ("t >= start", "t < end"),
-    // except in the last millisecond of 9999, which must not round into a year PostgreSQL cannot parse.
+    // except in the last millisecond of 9999: year 10000 would reach PostgreSQL as "+010000-…", which it cannot parse.
     return new Date(Math.min(seconds * 1000 + Math.ceil(value.nanos / 1_000_000), LAST_MILLISECOND));
   }
 

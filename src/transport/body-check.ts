@@ -43,7 +43,7 @@ export function withBodyCheck(handler: UniversalHandler, readMaxBytes: number): 
     }
     if (problem === undefined) return handler(replay);
     const contextValues = createContextValues();
-    contextValues.set(undecodableBody, `request body is not a valid ${handler.method.input.typeName}: ${problem}`);
+    contextValues.set(undecodableBody, `request body is not a valid ${handler.method.input.typeName} (${problem})`);
     const empty = enveloped ? new Uint8Array(5) : new Uint8Array(0);
     const header = new Headers(req.header);
     header.set("content-length", String(empty.length));
@@ -101,7 +101,7 @@ async function* invalidArgumentOnParseError<T>(messages: AsyncIterable<T>): Asyn
     // Connect reports undecodable stream messages as INTERNAL.
     const undecodable = /^(parse binary|received compressed envelope)/.test(connectError.rawMessage);
     if (connectError.code === Code.Internal && undecodable) {
-      throw new ConnectError(`request message does not decode: ${connectError.rawMessage}`, Code.InvalidArgument);
+      throw new ConnectError(`request message does not decode (${connectError.rawMessage})`, Code.InvalidArgument);
     }
     throw error;
   }

@@ -6,7 +6,6 @@ import { ChatSchema, CreateChatRequestSchema, CreateChatResponseSchema } from ".
 import { NotificationSchema, SubscribeRequestSchema, type Notification } from "../../gen/parley/v1/notification_pb.js";
 import { Inbox, type Json } from "./inbox.js";
 
-
 /** grpc-web calls a message's serializer and the response's deserializer; protobuf-es provides both. */
 function method<I extends DescMessage, O extends DescMessage>(path: string, kind: "unary" | "server_streaming", input: I, output: O) {
   return new MethodDescriptor<MessageShape<I>, MessageShape<O>>(

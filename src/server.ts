@@ -145,11 +145,12 @@ export async function startServer(config: Config, log: Logger = createLogger(con
   const handle = (req: http.IncomingMessage | http2.Http2ServerRequest, res: http.ServerResponse | http2.Http2ServerResponse) => {
     const path = (req.url ?? "/").split("?", 1)[0]!;
     const rpc = rpcs.get(path);
+    const flavour = grpcFlavour(req.headers["content-type"] ?? "");
     if (rpc) {
       if (corsForRpc(req, res)) return;
       assignRequestId(req, res);
       const uReq = universalRequestFromNodeRequest(req, res, undefined, streamingPaths.has(path) ? streamContext(res) : undefined);
-      const text = grpcFlavour(req.headers["content-type"] ?? "") === "grpc-web-text";
+      const text = flavour === "grpc-web-text";
       rpc(text ? fromGrpcWebText(uReq, config.maxRequestBytes) : uReq)
         .then((uRes) => universalResponseToNodeResponse(text ? toGrpcWebText(uRes) : uRes, res))
         .catch((error) => {
@@ -157,7 +158,6 @@ export async function startServer(config: Config, log: Logger = createLogger(con
         });
       return;
     }
-    const flavour = grpcFlavour(req.headers["content-type"] ?? "");
     // Unknown methods: gRPC clients get UNIMPLEMENTED, and browsers the CORS answers that let them see it.
     if (flavour || (req.method === "OPTIONS" && RPC_PATH.test(path))) {
       if (!corsForRpc(req, res)) unimplemented(res, flavour ?? "grpc", path);

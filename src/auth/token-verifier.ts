@@ -16,6 +16,10 @@ const MAX_TOKEN_LENGTH = 8192;
 const CACHE_MS = 5 * 60_000;
 const CACHE_ENTRIES = 10_000;
 
+/** What a tenant id and a user id must be, for messages wherever one is refused. */
+export const TENANT_ID_RULE = `must match ${TENANT_PATTERN.source}`;
+export const USER_ID_RULE = "must be 1 to 128 characters without control characters";
+
 export function isValidTenantId(id: string): boolean {
   return TENANT_PATTERN.test(id);
 }

@@ -3,7 +3,7 @@ import { parseArgs } from "node:util";
 import { SignJWT } from "jose";
 import { ConfigError, loadConfig } from "../config.js";
 import { loadDevSecret } from "../auth/dev-secret.js";
-import { isValidTenantId, isValidUserId } from "../auth/token-verifier.js";
+import { isValidTenantId, isValidUserId, TENANT_ID_RULE, USER_ID_RULE } from "../auth/token-verifier.js";
 
 try {
   const { values } = parseArgs({
@@ -11,8 +11,8 @@ try {
   });
   if (!values.tenant || !values.user) throw new ConfigError("usage: npm run token -- --tenant T --user U [--ttl SECONDS]");
   // The server would refuse a token with these claims.
-  if (!isValidTenantId(values.tenant)) throw new ConfigError("--tenant must match ^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$");
-  if (!isValidUserId(values.user)) throw new ConfigError("--user must be 1-128 characters without control characters");
+  if (!isValidTenantId(values.tenant)) throw new ConfigError(`--tenant ${TENANT_ID_RULE}`);
+  if (!isValidUserId(values.user)) throw new ConfigError(`--user ${USER_ID_RULE}`);
   const ttl = Number(values.ttl);
   if (!Number.isInteger(ttl) || ttl <= 0) throw new ConfigError("--ttl must be a positive number of seconds");
   const config = loadConfig();

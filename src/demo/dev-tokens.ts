@@ -1,6 +1,6 @@
 import { SignJWT } from "jose";
 import { loadDevSecret } from "../auth/dev-secret.js";
-import { isValidTenantId, isValidUserId } from "../auth/token-verifier.js";
+import { isValidTenantId, isValidUserId, TENANT_ID_RULE, USER_ID_RULE } from "../auth/token-verifier.js";
 import type { Config } from "../config.js";
 
 const TTL_SECONDS = 12 * 3600;
@@ -25,10 +25,10 @@ export class DevTokens {
 
   async issue(tenant: unknown, user: unknown): Promise<{ token: string; expiresInSeconds: number }> {
     if (typeof tenant !== "string" || !isValidTenantId(tenant)) {
-      throw new DevTokenError("tenant must match ^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$");
+      throw new DevTokenError(`tenant ${TENANT_ID_RULE}`);
     }
     if (typeof user !== "string" || !isValidUserId(user)) {
-      throw new DevTokenError("user must be 1-128 characters without control characters");
+      throw new DevTokenError(`user ${USER_ID_RULE}`);
     }
     let jwt = new SignJWT({ tid: tenant })
       .setProtectedHeader({ alg: "HS256", typ: "JWT" })

@@ -1,5 +1,5 @@
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import { CONTROL_CHARACTER, isValidUserId } from "../auth/token-verifier.js";
+import { CONTROL_CHARACTER, isValidUserId, USER_ID_RULE } from "../auth/token-verifier.js";
 import { InvalidArgumentError, type FieldViolation } from "../errors.js";
 
 export const DEFAULT_PAGE_SIZE = 50;
@@ -29,7 +29,7 @@ export class RequestCheck {
   }
 
   userId(field: string, value: string): string {
-    if (!isValidUserId(value)) this.fail(field, "must be 1 to 128 characters without control characters");
+    if (!isValidUserId(value)) this.fail(field, USER_ID_RULE);
     return value;
   }
 
